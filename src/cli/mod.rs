@@ -1,0 +1,81 @@
+//! The command line: one file per subcommand. Doc comments are the `--help` text.
+
+pub mod generate;
+pub mod import;
+pub mod inspect;
+pub mod tokenize;
+pub mod trace;
+
+use clap::{Args, Parser, Subcommand};
+
+/// mechc: locate behaviours in a language model, rewrite its weights, verify, emit a checkpoint.
+///
+/// MODEL arguments take an HF model directory (config.json + safetensors) or a .gguf file,
+/// which is imported once into the cache ($MECHC_CACHE, default ~/.cache/mechc).
+#[derive(Parser, Debug)]
+#[command(name = "mechc", version, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Print less (errors only). Also hides progress bars.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Print more (-v: info, -vv: debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Never show progress bars.
+    #[arg(long, global = true)]
+    pub no_progress: bool,
+}
+
+impl Global {
+    pub fn progress(&self) -> bool {
+        !self.quiet && !self.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr())
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    Import(import::ImportArgs),
+    Inspect(inspect::InspectArgs),
+    Generate(generate::GenerateArgs),
+    Trace(trace::TraceArgs),
+    Tokenize(tokenize::TokenizeArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let level = if cli.global.quiet {
+        log::LevelFilter::Error
+    } else {
+        match cli.global.verbose {
+            0 => log::LevelFilter::Warn,
+            1 => log::LevelFilter::Info,
+            _ => log::LevelFilter::Debug,
+        }
+    };
+    env_logger::Builder::new().filter_level(level).format_target(false).format_timestamp(None).init();
+    let g = cli.global.clone();
+    match cli.command {
+        Command::Import(a) => import::run(a, &g),
+        Command::Inspect(a) => inspect::run(a, &g),
+        Command::Generate(a) => generate::run(a, &g),
+        Command::Trace(a) => trace::run(a, &g),
+        Command::Tokenize(a) => tokenize::run(a, &g),
+    }
+}
+
+/// Token ids for a prompt: the chat template (user turn + generation prompt) when `chat`,
+/// else the tokenizer's own special tokens (e.g. BOS for SentencePiece models).
+pub fn prompt_ids(tok: &crate::tokenizer::Tok, text: &str, chat: bool) -> crate::Result<Vec<u32>> {
+    if chat {
+        tok.encode(&tok.apply_chat(text)?, false)
+    } else {
+        tok.encode(text, true)
+    }
+}

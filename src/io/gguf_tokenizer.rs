@@ -1,0 +1,312 @@
+//! tokenizer.json from a GGUF's embedded vocabulary, built to give the ids the original
+//! tokenizer gives. Two families:
+//!
+//! - `tokenizer.ggml.model = "llama"` (SentencePiece with scores, e.g. stories260K): a BPE with
+//!   byte fallback whose merges are recovered from the scores, a `Metaspace` pre-tokenizer and
+//!   the SentencePiece decoder — the same construction transformers uses for `gguf_file=`.
+//! - `tokenizer.ggml.model = "gpt2"` (byte-level BPE with merges): the pre-tokenizer depends on
+//!   `tokenizer.ggml.pre`: `qwen2` splits with Qwen2's regex; `smollm` splits digits one by one
+//!   before the GPT-2 byte-level regex, as SmolLM2's own tokenizer.json and llama.cpp do
+//!   (transformers' GGUF loader misses this and merges a run of spaces before a digit differently).
+//!
+//! CONTROL tokens (type 3) become special added tokens, USER_DEFINED (type 4) plain added tokens.
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::quantized::gguf_file::Value;
+use serde_json::{json, Value as J};
+
+use super::gguf::Gguf;
+use crate::error::{Error, Result};
+
+pub struct BuiltTokenizer {
+    pub tokenizer_json: J,
+    pub tokenizer_config: J,
+    pub special_tokens_map: J,
+}
+
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+const CONTROL: i64 = 3;
+const USER_DEFINED: i64 = 4;
+
+fn int(v: &Value) -> Option<i64> {
+    v.to_i32().map(i64::from).or_else(|_| v.to_u32().map(i64::from)).or_else(|_| v.to_i64()).ok()
+}
+
+/// GPT-2's byte → printable character table.
+pub fn bytes_to_unicode() -> [char; 256] {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut table = ['\0'; 256];
+    for (b, c) in bs.iter().zip(cs.iter()) {
+        table[*b as usize] = char::from_u32(*c).unwrap_or('?');
+    }
+    table
+}
+
+pub fn build(g: &Gguf) -> Result<BuiltTokenizer> {
+    let model = g.str("tokenizer.ggml.model")?.to_string();
+    let tokens: Vec<String> = g
+        .arr("tokenizer.ggml.tokens")?
+        .iter()
+        .map(|v| v.to_string().cloned().map_err(|_| Error::config(&g.path, "tokenizer.ggml.tokens", "expected strings")))
+        .collect::<Result<_>>()?;
+    if tokens.is_empty() {
+        return Err(Error::config(&g.path, "tokenizer.ggml.tokens", "empty vocabulary"));
+    }
+    let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(a)) => a.iter().map(|v| int(v).unwrap_or(1)).collect(),
+        _ => vec![1; tokens.len()],
+    };
+    // Ids outside the vocabulary (llama.cpp writes 0xFFFFFFFF for "none") mean "no such token".
+    let tok_id = |key: &str| -> Result<Option<u32>> {
+        Ok(g.opt_u64(key)?.filter(|&i| (i as usize) < tokens.len()).map(|i| i as u32))
+    };
+    let bos = tok_id("tokenizer.ggml.bos_token_id")?;
+    let eos = tok_id("tokenizer.ggml.eos_token_id")?;
+    let unk = tok_id("tokenizer.ggml.unknown_token_id")?;
+    let pad = tok_id("tokenizer.ggml.padding_token_id")?;
+    let name = |i: Option<u32>| i.map(|i| tokens[i as usize].clone());
+
+    let (mut tj, add_bos) = match model.as_str() {
+        "llama" => (sentencepiece(g, &tokens)?, g.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(true)),
+        "gpt2" => (byte_level(g, &tokens)?, g.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(false)),
+        other => {
+            return Err(Error::config(&g.path, "tokenizer.ggml.model", format!("`{other}` is not supported (llama, gpt2)")))
+        }
+    };
+    let add_eos = g.opt_bool("tokenizer.ggml.add_eos_token").unwrap_or(false);
+
+    // Added tokens: control → special; user-defined → plain; SentencePiece also marks unk/bos/eos.
+    let alphabet: std::collections::HashSet<char> = bytes_to_unicode().into_iter().collect();
+    let mut added: BTreeMap<u32, bool> = BTreeMap::new();
+    for (i, (t, &ty)) in tokens.iter().zip(types.iter()).enumerate() {
+        let spelled = model != "gpt2" || t.chars().all(|c| alphabet.contains(&c));
+        if ty == CONTROL && spelled {
+            added.insert(i as u32, true);
+        } else if ty == USER_DEFINED {
+            added.entry(i as u32).or_insert(false);
+        }
+    }
+    if model == "llama" {
+        for id in [unk, bos, eos].into_iter().flatten() {
+            added.insert(id, true);
+        }
+    }
+    tj["added_tokens"] = J::Array(
+        added
+            .iter()
+            .map(|(&id, &special)| {
+                json!({"id": id, "content": tokens[id as usize], "single_word": false, "lstrip": false,
+                       "rstrip": false, "normalized": false, "special": special})
+            })
+            .collect(),
+    );
+    tj["post_processor"] = template_processing(add_bos.then(|| bos).flatten(), add_eos.then(|| eos).flatten(), &tokens);
+
+    let mut cfg = serde_json::Map::new();
+    cfg.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
+    cfg.insert("add_bos_token".into(), add_bos.into());
+    cfg.insert("add_eos_token".into(), add_eos.into());
+    let mut special = serde_json::Map::new();
+    for (k, v) in [("bos_token", name(bos)), ("eos_token", name(eos)), ("unk_token", name(unk)), ("pad_token", name(pad))] {
+        if let Some(v) = v {
+            cfg.insert(k.into(), v.clone().into());
+            special.insert(k.into(), v.into());
+        }
+    }
+    if let Some(ctx) = g.opt_u64(&format!("{}.context_length", g.str("general.architecture")?))? {
+        cfg.insert("model_max_length".into(), ctx.into());
+    }
+    cfg.insert("clean_up_tokenization_spaces".into(), false.into());
+    if let Some(t) = g.opt_str("tokenizer.chat_template") {
+        cfg.insert("chat_template".into(), t.into());
+    }
+    // Validate by loading it, so a bad vocabulary fails the import instead of a later run.
+    let text = serde_json::to_string(&tj).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    <tokenizers::Tokenizer as std::str::FromStr>::from_str(&text)
+        .map_err(|e| Error::bad_file(&g.path, format!("the embedded vocabulary does not make a valid tokenizer: {e}")))?;
+    Ok(BuiltTokenizer { tokenizer_json: tj, tokenizer_config: J::Object(cfg), special_tokens_map: J::Object(special) })
+}
+
+fn template_processing(bos: Option<u32>, eos: Option<u32>, tokens: &[String]) -> J {
+    let mut single = vec![];
+    let mut pair = vec![];
+    let mut specials = serde_json::Map::new();
+    let sp = |id: u32, type_id: u32| json!({"SpecialToken": {"id": tokens[id as usize], "type_id": type_id}});
+    let seq = |s: &str, type_id: u32| json!({"Sequence": {"id": s, "type_id": type_id}});
+    for id in [bos, eos].into_iter().flatten() {
+        specials.insert(tokens[id as usize].clone(), json!({"id": tokens[id as usize], "ids": [id], "tokens": [tokens[id as usize]]}));
+    }
+    if let Some(b) = bos {
+        single.push(sp(b, 0));
+    }
+    single.push(seq("A", 0));
+    if let Some(e) = eos {
+        single.push(sp(e, 0));
+    }
+    if let Some(b) = bos {
+        pair.extend([sp(b, 0)]);
+    }
+    pair.push(seq("A", 0));
+    if let Some(e) = eos {
+        pair.push(sp(e, 0));
+    }
+    if let Some(b) = bos {
+        pair.push(sp(b, 1));
+    }
+    pair.push(seq("B", 1));
+    if let Some(e) = eos {
+        pair.push(sp(e, 1));
+    }
+    json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials})
+}
+
+fn vocab_json(tokens: &[String]) -> J {
+    let mut m = serde_json::Map::new();
+    for (i, t) in tokens.iter().enumerate() {
+        m.insert(t.clone(), i.into());
+    }
+    J::Object(m)
+}
+
+fn sentencepiece(g: &Gguf, tokens: &[String]) -> Result<J> {
+    let scores: Vec<f32> = g
+        .arr("tokenizer.ggml.scores")?
+        .iter()
+        .map(|v| v.to_f32().map_err(|_| Error::config(&g.path, "tokenizer.ggml.scores", "expected f32 scores")))
+        .collect::<Result<_>>()?;
+    if scores.len() != tokens.len() {
+        return Err(Error::config(
+            &g.path,
+            "tokenizer.ggml.scores",
+            format!("{} scores for {} tokens", scores.len(), tokens.len()),
+        ));
+    }
+    let merges = merges_from_scores(tokens, &scores);
+    let prepend = if g.opt_bool("tokenizer.ggml.add_space_prefix").unwrap_or(true) { "first" } else { "never" };
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": prepend, "split": false},
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+        ]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab_json(tokens), "merges": merges}
+    }))
+}
+
+/// Merges implied by a SentencePiece vocabulary with scores: every split of a token into two
+/// vocabulary pieces, best score first; ties by piece lengths (longer first), then by the ids
+/// of the pieces. This is the order transformers' `generate_merges` produces.
+pub fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<[String; 2]> {
+    // Python dict semantics: the last id of a duplicated token wins; iteration keeps first-seen order.
+    let mut id: HashMap<&str, usize> = HashMap::new();
+    let mut order: Vec<&str> = vec![];
+    let mut score: HashMap<&str, f32> = HashMap::new();
+    for (i, t) in tokens.iter().enumerate() {
+        if id.insert(t, i).is_none() {
+            order.push(t);
+        }
+        score.insert(t, scores[i]);
+    }
+    let mut merges: Vec<(String, String, f32)> = vec![];
+    for tok in order {
+        let chars: Vec<(usize, char)> = tok.char_indices().collect();
+        let mut local = vec![];
+        for &(byte_ix, _) in chars.iter().skip(1) {
+            let (l, r) = tok.split_at(byte_ix);
+            if id.contains_key(l) && id.contains_key(r) {
+                local.push((l, r));
+            }
+        }
+        local.sort_by_key(|(l, r)| (id[l], id[r]));
+        merges.extend(local.into_iter().map(|(l, r)| (l.to_string(), r.to_string(), score[tok])));
+    }
+    // Stable sort, descending by (score, len(left), len(right)) in characters.
+    merges.sort_by(|a, b| {
+        let ka = (a.2, a.0.chars().count(), a.1.chars().count());
+        let kb = (b.2, b.0.chars().count(), b.1.chars().count());
+        kb.partial_cmp(&ka).unwrap_or(std::cmp::Ordering::Equal)
+    });
+    merges.into_iter().map(|(l, r, _)| [l, r]).collect()
+}
+
+fn byte_level(g: &Gguf, tokens: &[String]) -> Result<J> {
+    let table = bytes_to_unicode();
+    let alphabet: std::collections::HashSet<char> = table.iter().copied().collect();
+    // A token spelled outside the byte alphabet is re-spelled byte by byte.
+    let spelled: Vec<String> = tokens
+        .iter()
+        .map(|t| {
+            if t.chars().all(|c| alphabet.contains(&c)) {
+                t.clone()
+            } else {
+                t.bytes().map(|b| table[b as usize]).collect()
+            }
+        })
+        .collect();
+    let merges: Vec<[String; 2]> = g
+        .arr("tokenizer.ggml.merges")?
+        .iter()
+        .map(|v| {
+            let s = v.to_string().map_err(|_| Error::config(&g.path, "tokenizer.ggml.merges", "expected strings"))?;
+            let (a, b) = s
+                .split_once(' ')
+                .ok_or_else(|| Error::config(&g.path, "tokenizer.ggml.merges", format!("merge `{s}` has no space")))?;
+            Ok([a.to_string(), b.to_string()])
+        })
+        .collect::<Result<_>>()?;
+    let byte_level_regex = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let split = |re: &str| {
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
+        ]})
+    };
+    let pre = g.opt_str("tokenizer.ggml.pre").unwrap_or("default");
+    let pre_tokenizer = match pre {
+        "qwen2" | "deepseek-r1-qwen" => split(QWEN2_SPLIT),
+        "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "dbrx" => split(LLAMA3_SPLIT),
+        "smollm" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true},
+            byte_level_regex
+        ]}),
+        "gpt-2" | "default" => byte_level_regex,
+        other => {
+            return Err(Error::config(&g.path, "tokenizer.ggml.pre", format!("pre-tokenizer `{other}` is not supported (smollm, qwen2, llama-bpe, gpt-2)")))
+        }
+    };
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab_json(&spelled), "merges": merges}
+    }))
+}

@@ -1,0 +1,87 @@
+//! Checkpoint input and output: HF directories, GGUF import, safetensors, atomic output dirs.
+//!
+//! [`load`] accepts what a `MODEL` argument may name: an HF directory, or a `.gguf` file that is
+//! imported once into a cache directory keyed by the file's SHA-256.
+
+pub mod atomic;
+pub mod gguf;
+pub mod gguf_tokenizer;
+pub mod hf;
+pub mod st;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result, WithPath};
+use crate::model::Model;
+use crate::tokenizer::Tok;
+
+/// A loaded model with its tokenizer and where it came from.
+pub struct Loaded {
+    pub model: Model,
+    pub tok: Tok,
+    /// The HF directory the weights were read from (the import cache for a GGUF).
+    pub dir: PathBuf,
+    /// The storage dtype of the weights on disk.
+    pub stored_dtype: candle_core::DType,
+}
+
+/// The cache root: `$MECHC_CACHE`, else `$XDG_CACHE_HOME/mechc`, else `~/.cache/mechc`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("MECHC_CACHE") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(p).join("mechc");
+    }
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")).join(".cache").join("mechc")
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).with_path(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).with_path(path)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// The HF directory for a MODEL argument, importing a GGUF into the cache on first use.
+pub fn resolve(path: &Path, show_progress: bool) -> Result<PathBuf> {
+    if !path.exists() {
+        return Err(Error::bad_file(path, "no such file or directory"));
+    }
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    if !is_gguf(path) {
+        return Err(Error::bad_file(path, "expected an HF model directory or a .gguf file"));
+    }
+    let hash = sha256_file(path)?;
+    let dir = cache_dir().join("gguf").join(&hash[..16]);
+    if dir.join("config.json").exists() {
+        log::info!("using the import of {} cached in {}", path.display(), dir.display());
+        return Ok(dir);
+    }
+    log::info!("importing {} into {}", path.display(), dir.display());
+    gguf::import(path, &dir, candle_core::DType::F32, false, show_progress)
+}
+
+pub fn load(path: &Path, show_progress: bool) -> Result<Loaded> {
+    let dir = resolve(path, show_progress)?;
+    let model = hf::load_model(&dir)?;
+    let tok = Tok::from_dir(&dir)?;
+    let stored_dtype = hf::Shards::open(&dir)?.dtype()?;
+    Ok(Loaded { model, tok, dir, stored_dtype })
+}

@@ -1,0 +1,19 @@
+//! mechc: a compiler for trained language models.
+//!
+//! Layers, from the bottom: [`io`] reads and writes checkpoints (HF directories, GGUF import);
+//! [`model`] holds the architectures and the decoder forward; [`runtime`] adds hook sites,
+//! interventions, batching, the KV cache and generation; [`cli`] is one file per subcommand.
+//! Passes live in `passes/` (see docs/architecture.md).
+
+pub mod cli;
+pub mod error;
+pub mod io;
+pub mod model;
+pub mod progress;
+pub mod runtime;
+pub mod tokenizer;
+
+#[path = "../passes/mod.rs"]
+pub mod passes;
+
+pub use error::{Error, Result};

@@ -1,0 +1,322 @@
+//! The decoder forward shared by the Llama-like families, with a hook site at every named
+//! activation. Computes in f32. Two modes: inference (candle's fused kernels) and gradient
+//! (composed ops only, because the fused ones have no backward; frozen weights get no gradient).
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::ModelConfig;
+use super::rope::{self, Rope};
+use super::{Proj, TensorRole};
+use crate::error::{Error, Result};
+use crate::runtime::frozen::frozen_matmul;
+use crate::runtime::{Batch, HookPoint, Hooks, KvCache};
+
+/// A projection: weight [out, in], optional bias [out].
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub w: Tensor,
+    pub b: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor, grad: bool) -> Result<Tensor> {
+        let y = if grad { frozen_matmul(x, &self.w)? } else { x.broadcast_matmul(&self.w.t()?)? };
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub attn_norm: Tensor,
+    pub mlp_norm: Tensor,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Block {
+    pub fn proj(&self, p: Proj) -> &Linear {
+        match p {
+            Proj::Q => &self.q,
+            Proj::K => &self.k,
+            Proj::V => &self.v,
+            Proj::O => &self.o,
+            Proj::Gate => &self.gate,
+            Proj::Up => &self.up,
+            Proj::Down => &self.down,
+        }
+    }
+    pub fn proj_mut(&mut self, p: Proj) -> &mut Linear {
+        match p {
+            Proj::Q => &mut self.q,
+            Proj::K => &mut self.k,
+            Proj::V => &mut self.v,
+            Proj::O => &mut self.o,
+            Proj::Gate => &mut self.gate,
+            Proj::Up => &mut self.up,
+            Proj::Down => &mut self.down,
+        }
+    }
+}
+
+/// Options of one forward pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fwd {
+    /// Differentiable ops only (for backprop through activations).
+    pub grad: bool,
+    /// Compute logits for the last position only (generation).
+    pub last_only: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub embed: Tensor,
+    pub blocks: Vec<Block>,
+    pub norm: Tensor,
+    /// The unembedding; the same tensor as `embed` when tied.
+    pub lm_head: Tensor,
+    pub rope: Rope,
+    pub device: Device,
+}
+
+impl Model {
+    /// Build from tensors by role. `get` returns `None` for a missing tensor. Every tensor is
+    /// converted to f32 and its shape checked against the config.
+    pub fn from_tensors(
+        cfg: ModelConfig,
+        file: &std::path::Path,
+        mut get: impl FnMut(TensorRole) -> Result<Option<Tensor>>,
+    ) -> Result<Model> {
+        let mut take = |role: TensorRole| -> Result<Tensor> {
+            let name = role.hf_name();
+            let t = get(role)?.ok_or_else(|| Error::bad_file(file, format!("missing tensor `{name}`")))?;
+            let want = role.shape(&cfg);
+            if t.dims() != want.as_slice() {
+                return Err(Error::bad_file(
+                    file,
+                    format!("tensor `{name}` has shape {:?}, config.json implies {:?}", t.dims(), want),
+                ));
+            }
+            let t = t.to_dtype(DType::F32)?;
+            super::check_finite(&t, &name, file)?;
+            Ok(t)
+        };
+        let embed = take(TensorRole::Embed)?;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let mut lin = |p: Proj| -> Result<Linear> {
+                let w = take(TensorRole::Weight(l, p))?;
+                let b = if p.has_bias(&cfg) { Some(take(TensorRole::Bias(l, p))?) } else { None };
+                Ok(Linear { w, b })
+            };
+            let (q, k, v, o) = (lin(Proj::Q)?, lin(Proj::K)?, lin(Proj::V)?, lin(Proj::O)?);
+            let (gate, up, down) = (lin(Proj::Gate)?, lin(Proj::Up)?, lin(Proj::Down)?);
+            blocks.push(Block {
+                attn_norm: take(TensorRole::AttnNorm(l))?,
+                mlp_norm: take(TensorRole::MlpNorm(l))?,
+                q,
+                k,
+                v,
+                o,
+                gate,
+                up,
+                down,
+            });
+        }
+        let norm = take(TensorRole::FinalNorm)?;
+        let lm_head = if cfg.tie_word_embeddings { embed.clone() } else { take(TensorRole::LmHead)? };
+        let rope = Rope::new(&cfg);
+        Ok(Model { cfg, embed, blocks, norm, lm_head, rope, device: Device::Cpu })
+    }
+
+    /// Every tensor by role (the tied head is not repeated).
+    pub fn tensors(&self) -> Vec<(TensorRole, Tensor)> {
+        let mut v = vec![(TensorRole::Embed, self.embed.clone())];
+        for (l, b) in self.blocks.iter().enumerate() {
+            v.push((TensorRole::AttnNorm(l), b.attn_norm.clone()));
+            v.push((TensorRole::MlpNorm(l), b.mlp_norm.clone()));
+            for p in Proj::ALL {
+                let lin = b.proj(p);
+                v.push((TensorRole::Weight(l, p), lin.w.clone()));
+                if let Some(bias) = &lin.b {
+                    v.push((TensorRole::Bias(l, p), bias.clone()));
+                }
+            }
+        }
+        v.push((TensorRole::FinalNorm, self.norm.clone()));
+        if !self.cfg.tie_word_embeddings {
+            v.push((TensorRole::LmHead, self.lm_head.clone()));
+        }
+        v
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, grad: bool) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        if !grad {
+            return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?);
+        }
+        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+        Ok(x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?)
+    }
+
+    /// Logits [b, t, vocab] (or [b, 1, vocab] with `last_only`). With a cache, `batch` holds the
+    /// new tokens only and the cache grows by them.
+    pub fn forward(&self, batch: &Batch, mut cache: Option<&mut KvCache>, hooks: &mut Hooks, opt: Fwd) -> Result<Tensor> {
+        let (b, t) = (batch.size(), batch.len());
+        if b == 0 || t == 0 {
+            return Err(Error::invalid("forward: empty batch"));
+        }
+        let vocab = self.cfg.vocab_size as u32;
+        if let Some(&bad) = batch.ids.iter().flatten().find(|&&i| i >= vocab) {
+            return Err(Error::invalid(format!("token id {bad} is outside the vocabulary ({vocab})")));
+        }
+        let past_valid: Vec<Vec<bool>> = match &cache {
+            Some(c) if c.seen() > 0 => {
+                if c.valid.len() != b {
+                    return Err(Error::invalid("forward: batch size differs from the cache's"));
+                }
+                c.valid.clone()
+            }
+            _ => vec![vec![]; b],
+        };
+        let past = past_valid[0].len();
+        let total = past + t;
+
+        // Positions: the number of valid tokens before this one in its row.
+        let positions: Vec<Vec<u32>> = (0..b)
+            .map(|r| {
+                let mut n = past_valid[r].iter().filter(|&&v| v).count() as u32;
+                batch.valid[r]
+                    .iter()
+                    .map(|&v| {
+                        let p = n;
+                        n += v as u32;
+                        p
+                    })
+                    .collect()
+            })
+            .collect();
+        let (cos, sin) = self.rope.cos_sin(&positions, &self.device)?;
+
+        // Additive mask [b, 1, 1, t, total]: causal and key validity.
+        let needs_mask = t > 1 || batch.has_padding() || past_valid.iter().flatten().any(|v| !v);
+        let mask = if needs_mask {
+            let mut m = vec![0f32; b * t * total];
+            for r in 0..b {
+                for i in 0..t {
+                    for j in 0..total {
+                        let key_valid = if j < past { past_valid[r][j] } else { batch.valid[r][j - past] };
+                        if j > past + i || !key_valid {
+                            m[(r * t + i) * total + j] = -1e30;
+                        }
+                    }
+                }
+            }
+            Some(Tensor::from_vec(m, (b, 1, 1, t, total), &self.device)?)
+        } else {
+            None
+        };
+
+        let ids: Vec<u32> = batch.ids.iter().flatten().copied().collect();
+        let ids = Tensor::from_vec(ids, (b * t,), &self.device)?;
+        let x = self.embed.index_select(&ids, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let mut x = hooks.site(HookPoint::Embed, x)?;
+
+        for (l, blk) in self.blocks.iter().enumerate() {
+            x = hooks.site(HookPoint::ResidPre(l), x)?;
+            if hooks.skips(l) {
+                x = hooks.site(HookPoint::ResidPost(l), x)?;
+                continue;
+            }
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            x = self.block(l, blk, x, &cos, &sin, mask.as_ref(), layer_cache, hooks, opt.grad)?;
+        }
+        if let Some(c) = cache.as_deref_mut() {
+            if c.valid.len() != b {
+                c.valid = vec![vec![]; b];
+            }
+            for (r, v) in batch.valid.iter().enumerate() {
+                c.valid[r].extend_from_slice(v);
+            }
+        }
+        let x = if opt.last_only { x.narrow(1, t - 1, 1)? } else { x };
+        let x = self.rms_norm(&x, &self.norm, opt.grad)?;
+        let x = hooks.site(HookPoint::LnFinal, x)?;
+        let head = Linear { w: self.lm_head.clone(), b: None };
+        let logits = head.forward(&x, opt.grad)?;
+        hooks.site(HookPoint::Logits, logits)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        l: usize,
+        blk: &Block,
+        resid_pre: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        hooks: &mut Hooks,
+        grad: bool,
+    ) -> Result<Tensor> {
+        let (b, t, _) = resid_pre.dims3()?;
+        let hd = self.cfg.head_dim;
+        let h = self.rms_norm(&resid_pre, &blk.attn_norm, grad)?;
+        // Head counts come from the weights, so per-layer pruned models run unchanged.
+        let n_q = blk.q.w.dim(0)? / hd;
+        let n_kv = blk.k.w.dim(0)? / hd;
+        let q = blk.q.forward(&h, grad)?.reshape((b, t, n_q, hd))?.transpose(1, 2)?;
+        let k = blk.k.forward(&h, grad)?.reshape((b, t, n_kv, hd))?.transpose(1, 2)?;
+        let v = blk.v.forward(&h, grad)?.reshape((b, t, n_kv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = rope::apply(&q, cos, sin, grad)?;
+        let k = rope::apply(&k, cos, sin, grad)?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let kv = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+            None => (k, v),
+        };
+        let total = k.dim(2)?;
+        let g = n_q / n_kv;
+        // Grouped-query attention without copying k/v: view the g query heads of each kv head
+        // as extra rows, [b, n_kv, g*t, hd] @ [b, n_kv, hd, total].
+        let qg = q.contiguous()?.reshape((b, n_kv, g * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (qg.matmul(&k.t()?.contiguous()?)? * scale)?.reshape((b, n_kv, g, t, total))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = if grad {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
+        };
+        let z = probs.reshape((b, n_kv, g * t, total))?.matmul(&v)?; // [b, n_kv, g*t, hd]
+        let z = z.reshape((b, n_q, t, hd))?.transpose(1, 2)?.contiguous()?; // [b, t, n_q, hd]
+        let z = hooks.site(HookPoint::AttnZ(l), z)?;
+        let attn_out = blk.o.forward(&z.reshape((b, t, n_q * hd))?, grad)?;
+        let attn_out = hooks.site(HookPoint::AttnOut(l), attn_out)?;
+        let resid_mid = hooks.site(HookPoint::ResidMid(l), (resid_pre + attn_out)?)?;
+
+        let h = self.rms_norm(&resid_mid, &blk.mlp_norm, grad)?;
+        let post = (candle_nn::ops::silu(&blk.gate.forward(&h, grad)?)? * blk.up.forward(&h, grad)?)?;
+        let post = hooks.site(HookPoint::MlpPost(l), post)?;
+        let mlp_out = hooks.site(HookPoint::MlpOut(l), blk.down.forward(&post, grad)?)?;
+        hooks.site(HookPoint::ResidPost(l), (resid_mid + mlp_out)?)
+    }
+}
