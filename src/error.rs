@@ -32,7 +32,7 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
-    #[error(transparent)]
+    #[error("{}", candle_msg(.0))]
     Candle(#[from] candle_core::Error),
 }
 
@@ -56,6 +56,15 @@ impl Error {
     }
 }
 
+/// A candle error's message without the backtrace candle attaches when RUST_BACKTRACE is set,
+/// so every error stays one line.
+pub fn candle_msg(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_msg(inner),
+        other => other.to_string().lines().next().unwrap_or_default().to_string(),
+    }
+}
+
 /// Attach a file name to candle errors raised while handling that file.
 pub trait WithPath<T> {
     fn with_path(self, path: impl AsRef<Path>) -> Result<T>;
@@ -63,7 +72,7 @@ pub trait WithPath<T> {
 
 impl<T> WithPath<T> for std::result::Result<T, candle_core::Error> {
     fn with_path(self, path: impl AsRef<Path>) -> Result<T> {
-        self.map_err(|e| Error::bad_file(path, e.to_string()))
+        self.map_err(|e| Error::bad_file(path, candle_msg(&e)))
     }
 }
 

@@ -23,7 +23,7 @@ pub struct Gguf {
 impl Gguf {
     pub fn open(path: &Path) -> Result<Gguf> {
         let mut r = BufReader::new(File::open(path).with_path(path)?);
-        let content = Content::read(&mut r).map_err(|e| Error::bad_file(path, format!("not a valid GGUF file: {e}")))?;
+        let content = Content::read(&mut r).map_err(|e| Error::bad_file(path, format!("not a valid GGUF file: {}", crate::error::candle_msg(&e))))?;
         Ok(Gguf { path: path.to_path_buf(), content })
     }
 
@@ -106,8 +106,8 @@ impl Gguf {
         let q = self
             .content
             .tensor(&mut r, name, &Device::Cpu)
-            .map_err(|e| Error::bad_file(&self.path, format!("tensor `{name}`: {e}")))?;
-        q.dequantize(&Device::Cpu).map_err(|e| Error::bad_file(&self.path, format!("tensor `{name}`: {e}")))
+            .map_err(|e| Error::bad_file(&self.path, format!("tensor `{name}`: {}", crate::error::candle_msg(&e))))?;
+        q.dequantize(&Device::Cpu).map_err(|e| Error::bad_file(&self.path, format!("tensor `{name}`: {}", crate::error::candle_msg(&e))))
     }
 
     /// The model config implied by the metadata and tensor shapes.

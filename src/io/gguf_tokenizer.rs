@@ -2,8 +2,8 @@
 //! tokenizer gives. Two families:
 //!
 //! - `tokenizer.ggml.model = "llama"` (SentencePiece with scores, e.g. stories260K): a BPE with
-//!   byte fallback whose merges are recovered from the scores, a `Metaspace` pre-tokenizer and
-//!   the SentencePiece decoder — the same construction transformers uses for `gguf_file=`.
+//!   byte fallback whose merges are recovered from the scores (as transformers' `gguf_file=`
+//!   does), SentencePiece's normaliser (prepend ▁, spaces → ▁) and the SentencePiece decoder.
 //! - `tokenizer.ggml.model = "gpt2"` (byte-level BPE with merges): the pre-tokenizer depends on
 //!   `tokenizer.ggml.pre`: `qwen2` splits with Qwen2's regex; `smollm` splits digits one by one
 //!   before the GPT-2 byte-level regex, as SmolLM2's own tokenizer.json and llama.cpp do
@@ -194,14 +194,21 @@ fn sentencepiece(g: &Gguf, tokens: &[String]) -> Result<J> {
         ));
     }
     let merges = merges_from_scores(tokens, &scores);
-    let prepend = if g.opt_bool("tokenizer.ggml.add_space_prefix").unwrap_or(true) { "first" } else { "never" };
+    // SentencePiece's own normalisation: spaces become ▁ and (by default) one ▁ is prepended.
+    // This is what sentencepiece and llama.cpp do and what Llama-2's tokenizer.json says;
+    // transformers' GGUF loader uses a Metaspace pre-tokenizer instead, which drops the prefix
+    // ▁ when the text already starts with a space.
+    let mut norm = vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"})];
+    if g.opt_bool("tokenizer.ggml.add_space_prefix").unwrap_or(true) {
+        norm.insert(0, json!({"type": "Prepend", "prepend": "\u{2581}"}));
+    }
     Ok(json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": [],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": prepend, "split": false},
+        "normalizer": {"type": "Sequence", "normalizers": norm},
+        "pre_tokenizer": null,
         "post_processor": null,
         "decoder": {"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},

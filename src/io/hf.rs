@@ -112,3 +112,25 @@ pub fn load_model(dir: &Path) -> Result<Model> {
     }
     Ok(model)
 }
+
+/// Write a model as an HF directory's files (config.json + one model.safetensors) into `dir`,
+/// which must exist. Callers wanting atomicity pass an [`super::atomic::OutDir`] path.
+pub fn save_model(
+    model: &Model,
+    dir: &Path,
+    dtype: DType,
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let tensors: Vec<(String, candle_core::Tensor)> = model
+        .tensors()
+        .into_iter()
+        .map(|(r, t)| Ok((r.hf_name(), t.to_dtype(dtype)?)))
+        .collect::<Result<_>>()?;
+    let mut meta = metadata.clone();
+    meta.entry("format".into()).or_insert_with(|| "pt".into());
+    super::st::write(&dir.join("model.safetensors"), &tensors, &meta)?;
+    let mut cfg = crate::model::config_json(&model.cfg);
+    cfg.insert("torch_dtype".into(), super::st::torch_dtype_name(dtype).into());
+    super::gguf::write_json(&dir.join("config.json"), &serde_json::Value::Object(cfg))
+}
+

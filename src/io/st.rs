@@ -62,7 +62,7 @@ impl StFile {
             }
         };
         let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)
-            .map_err(|e| Error::bad_file(&self.path, format!("tensor `{name}`: {e}")))?;
+            .map_err(|e| Error::bad_file(&self.path, format!("tensor `{name}`: {}", crate::error::candle_msg(&e))))?;
         Ok(Some(t))
     }
 }

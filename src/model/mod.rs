@@ -6,6 +6,7 @@ pub mod config;
 pub mod decoder;
 pub mod llama;
 pub mod qwen2;
+pub mod random;
 pub mod rope;
 
 use candle_core::{DType, Device, Tensor};
