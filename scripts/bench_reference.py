@@ -115,8 +115,9 @@ def child(args) -> dict:
 
 
 def default_ids(model_dir: str) -> list[int]:
-    """First non-empty WikiText-2 test lines, tokenized without special tokens, until >= 512 ids."""
-    from transformers import AutoTokenizer  # only in this branch: keeps the parent light otherwise
+    """First non-empty WikiText-2 test lines, tokenized without special tokens, until >= 512 ids.
+    (Runs in a child process, see --_measure ids.)"""
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     text, ids = "", []
@@ -174,16 +175,22 @@ def main():
     ap.add_argument("--_n", dest="n", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    if args.measure:  # child mode
+    if args.measure == "ids":  # child mode: default ids
+        print(json.dumps(default_ids(args.model_dir)))
+        return
+    if args.measure:  # child mode: one measurement
         print(json.dumps(child(args)))
         return
+
+    # The parent imports neither torch nor transformers: a child's ru_maxrss would otherwise
+    # include the parent's resident set (Linux carries the pre-exec hiwater mark over exec).
 
     model_dir = str(Path(args.model_dir).resolve())
     if args.ids_file:
         ids = json.loads(Path(args.ids_file).read_text())
         src = str(Path(args.ids_file).resolve())
     else:
-        ids = default_ids(model_dir)
+        ids = run_child([sys.executable, str(Path(__file__).resolve()), model_dir], ["--_measure", "ids"])
         src = "wikitext2-test.raw (first lines, no special tokens)"
     if not (isinstance(ids, list) and all(isinstance(i, int) for i in ids) and len(ids) >= MIN_IDS):
         raise SystemExit(f"--ids-file must hold a JSON list of >= {MIN_IDS} ints")

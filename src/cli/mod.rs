@@ -1,5 +1,6 @@
 //! The command line: one file per subcommand. Doc comments are the `--help` text.
 
+pub mod bench;
 pub mod generate;
 pub mod import;
 pub mod inspect;
@@ -47,6 +48,7 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     Trace(trace::TraceArgs),
     Tokenize(tokenize::TokenizeArgs),
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -67,6 +69,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a, &g),
         Command::Trace(a) => trace::run(a, &g),
         Command::Tokenize(a) => tokenize::run(a, &g),
+        Command::Bench(a) => bench::run(a, &g),
     }
 }
 

@@ -74,12 +74,18 @@ impl Shards {
         self.by_name.get(name).map(|&i| self.files[i].path.clone()).unwrap_or_else(|| self.files[0].path.clone())
     }
 
-    /// The storage dtype of the first floating tensor.
+    /// The storage dtype of the embedding (read from the header, no data touched).
     pub fn dtype(&self) -> Result<DType> {
-        match self.by_name.keys().next() {
-            Some(n) => Ok(self.get(n)?.map(|t| t.dtype()).unwrap_or(DType::F32)),
-            None => Ok(DType::F32),
-        }
+        let name = TensorRole::Embed.hf_name();
+        let Some(&i) = self.by_name.get(&name) else { return Ok(DType::F32) };
+        let f = &self.files[i];
+        let view = f.view()?;
+        let dt = view.tensor(&name).map_err(|e| Error::bad_file(&f.path, e.to_string()))?.dtype();
+        Ok(match dt {
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            _ => DType::F32,
+        })
     }
 }
 
