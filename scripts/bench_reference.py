@@ -162,6 +162,13 @@ def cpu_name() -> str | None:
     return None
 
 
+def loadavg() -> list[float] | None:
+    try:
+        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
+    except OSError:
+        return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model_dir", help="HF model dir (e.g. from `mechc import`)")
@@ -209,6 +216,7 @@ def main():
     base = [sys.executable, str(Path(__file__).resolve()), model_dir, "--ids-file", str(ids_path),
             "--threads", str(args.threads), "--attn", args.attn]
     res = {}
+    load_before = loadavg()
     try:
         for n in N_PREFILL:
             log(f"prefill {n} tokens ({args.runs} runs + warm-up, fresh process)")
@@ -252,6 +260,10 @@ def main():
         "versions": versions(),
         "cpu": cpu_name(),
         "os_cpu_count": os.cpu_count(),
+        # the timings are only meaningful on an otherwise idle machine: a 1-min load average well above
+        # 0 before/after means something else (e.g. a cargo build) was competing for the cores
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
     }
     print(json.dumps(out))
 

@@ -24,7 +24,7 @@ fn greedy_from_bos_reproduces_the_model_card() {
     let bos = loaded.model.cfg.bos_token_id.expect("bos id");
     let opts = GenOpts { max_tokens: 120, ..GenOpts::default() };
     let ids = generate(&loaded.model, &[bos], &opts, &mut Hooks::new(), |_| Ok(())).unwrap();
-    let text = loaded.tok.decode(&ids, true).unwrap();
+    let text = loaded.tok().unwrap().decode(&ids, true).unwrap();
     let want = card_text();
     assert!(want.len() > 200, "card text parsed: {want:?}");
     assert!(ids.len() >= 100, "only {} tokens", ids.len());

@@ -46,7 +46,7 @@ pub fn run(a: BenchArgs, g: &Global) -> anyhow::Result<()> {
     let loaded = crate::io::load(&a.model, g.progress())?;
     let ids: Vec<u32> = match (&a.ids_file, &a.text) {
         (Some(f), _) => serde_json::from_str(&std::fs::read_to_string(f)?)?,
-        (None, Some(t)) => loaded.tok.encode(&std::fs::read_to_string(t)?, false)?,
+        (None, Some(t)) => loaded.tok()?.encode(&std::fs::read_to_string(t)?, false)?,
         (None, None) => anyhow::bail!("give --ids-file or --text"),
     };
     if ids.len() < 512 {

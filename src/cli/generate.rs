@@ -36,12 +36,13 @@ pub fn run(a: GenerateArgs, g: &Global) -> anyhow::Result<()> {
         anyhow::bail!("--temperature must be a finite number ≥ 0");
     }
     let loaded = crate::io::load(&a.model, g.progress())?;
-    let ids = super::prompt_ids(&loaded.tok, &a.prompt, a.chat)?;
+    let tok = loaded.tok()?;
+    let ids = super::prompt_ids(tok, &a.prompt, a.chat)?;
     if ids.is_empty() {
         anyhow::bail!("the prompt is empty and the tokenizer adds no BOS token: give --prompt");
     }
     let mut stop: Vec<u32> = loaded.model.cfg.eos_token_ids.clone();
-    if let Some(e) = loaded.tok.eos_token.as_deref().and_then(|t| loaded.tok.token_id(t)) {
+    if let Some(e) = tok.eos_token.as_deref().and_then(|t| tok.token_id(t)) {
         stop.push(e);
     }
     let opts = GenOpts { max_tokens: a.max_tokens, temperature: a.temperature, seed: a.seed, stop };
@@ -49,7 +50,6 @@ pub fn run(a: GenerateArgs, g: &Global) -> anyhow::Result<()> {
     let mut new: Vec<u32> = vec![];
     let mut printed = 0usize;
     let t = std::time::Instant::now();
-    let tok = &loaded.tok;
     generate(&loaded.model, &ids, &opts, &mut Hooks::new(), |id| {
         new.push(id);
         let text = tok.decode(&new, true)?;

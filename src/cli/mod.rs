@@ -4,6 +4,7 @@ pub mod bench;
 pub mod generate;
 pub mod import;
 pub mod inspect;
+pub mod random_model;
 pub mod tokenize;
 pub mod trace;
 
@@ -49,6 +50,8 @@ pub enum Command {
     Trace(trace::TraceArgs),
     Tokenize(tokenize::TokenizeArgs),
     Bench(bench::BenchArgs),
+    #[command(hide = true)]
+    RandomModel(random_model::RandomModelArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -70,6 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Trace(a) => trace::run(a, &g),
         Command::Tokenize(a) => tokenize::run(a, &g),
         Command::Bench(a) => bench::run(a, &g),
+        Command::RandomModel(a) => random_model::run(a, &g),
     }
 }
 

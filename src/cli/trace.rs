@@ -18,8 +18,11 @@ pub struct TraceArgs {
     /// HF model directory or .gguf file.
     pub model: PathBuf,
     /// The prompt.
-    #[arg(long)]
-    pub prompt: String,
+    #[arg(long, required_unless_present = "ids", conflicts_with = "ids")]
+    pub prompt: Option<String>,
+    /// Token ids instead of a prompt, comma-separated (no tokenizer needed).
+    #[arg(long, value_delimiter = ',')]
+    pub ids: Option<Vec<u32>>,
     /// Wrap the prompt in the chat template.
     #[arg(long)]
     pub chat: bool,
@@ -41,7 +44,11 @@ pub fn run(a: TraceArgs, g: &Global) -> anyhow::Result<()> {
         return Err(crate::Error::output(&a.out, "already exists (pass --force to replace it)").into());
     }
     let loaded = crate::io::load(&a.model, g.progress())?;
-    let ids = super::prompt_ids(&loaded.tok, &a.prompt, a.chat)?;
+    let ids = match (&a.ids, &a.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(p)) => super::prompt_ids(loaded.tok()?, p, a.chat)?,
+        (None, None) => unreachable!("clap requires --prompt or --ids"),
+    };
     if ids.is_empty() {
         anyhow::bail!("the prompt has no tokens");
     }
@@ -63,7 +70,9 @@ pub fn run(a: TraceArgs, g: &Global) -> anyhow::Result<()> {
         }
     }
     let mut meta = BTreeMap::new();
-    meta.insert("prompt".to_string(), a.prompt.clone());
+    if let Some(p) = &a.prompt {
+        meta.insert("prompt".to_string(), p.clone());
+    }
     meta.insert("model".to_string(), loaded.dir.display().to_string());
     // Write beside the target and rename, so a failure leaves no partial file.
     let tmp = a.out.with_extension("safetensors.mechc-tmp");

@@ -21,7 +21,8 @@ use crate::tokenizer::Tok;
 /// A loaded model with its tokenizer and where it came from.
 pub struct Loaded {
     pub model: Model,
-    pub tok: Tok,
+    /// `None` when the directory has no tokenizer.json (e.g. a random test model).
+    pub tok: Option<Tok>,
     /// The HF directory the weights were read from (the import cache for a GGUF).
     pub dir: PathBuf,
     /// The storage dtype of the weights on disk.
@@ -78,10 +79,17 @@ pub fn resolve(path: &Path, show_progress: bool) -> Result<PathBuf> {
     gguf::import(path, &dir, candle_core::DType::F32, false, show_progress)
 }
 
+impl Loaded {
+    /// The tokenizer, or an error naming the directory that lacks one.
+    pub fn tok(&self) -> Result<&Tok> {
+        self.tok.as_ref().ok_or_else(|| Error::bad_file(self.dir.join("tokenizer.json"), "missing: this model has no tokenizer"))
+    }
+}
+
 pub fn load(path: &Path, show_progress: bool) -> Result<Loaded> {
     let dir = resolve(path, show_progress)?;
     let model = hf::load_model(&dir)?;
-    let tok = Tok::from_dir(&dir)?;
+    let tok = if dir.join("tokenizer.json").exists() { Some(Tok::from_dir(&dir)?) } else { None };
     let stored_dtype = hf::Shards::open(&dir)?.dtype()?;
     Ok(Loaded { model, tok, dir, stored_dtype })
 }

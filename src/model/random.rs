@@ -36,7 +36,8 @@ impl RandomSpec {
             kv_heads,
             group,
             head_dim,
-            d_model: r.gen_range(4..=16),
+            // transformers insists on hidden_size % heads == 0 even with an explicit head_dim.
+            d_model: kv_heads * group * r.gen_range(2..=5),
             d_ff: r.gen_range(4..=24),
             vocab: r.gen_range(16..=48),
             tied: r.gen_bool(0.5),

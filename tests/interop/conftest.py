@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ import numpy as np
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))  # interop_common, also under --import-mode=importlib
 from interop_common import MECHC_BIN, MECHC_CACHE, MODEL_ORDER, MODELS, SENTINEL_KEYS, ModelSpec
 
 torch.set_num_threads(2)

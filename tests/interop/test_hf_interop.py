@@ -41,6 +41,7 @@ CODE = (
     "    a, b = 0, 1\n"
     "    for _ in range(n - 1):\n"
 )
+DIALOGUE = 'Tom looked at the big red ball. He said, "Can I play with it?"\nMia smiled and said'
 
 
 @lru_cache(maxsize=None)
@@ -70,6 +71,8 @@ def prompt(model: str, pid: str) -> tuple[str, bool]:
         return (story_paragraph() if model == "stories260k" else wiki_paragraph()), False
     if pid == "code":
         return CODE, False
+    if pid == "dialogue":
+        return DIALOGUE, False
     if pid == "chat":
         assert MODELS[model].instruct
         return CHAT, True
@@ -84,7 +87,7 @@ def _cases(pids_instruct, pids_base):
     ]
 
 
-LOGIT_CASES = _cases(("short", "long", "code", "chat"), ("short", "long"))
+LOGIT_CASES = _cases(("short", "long", "code", "chat"), ("short", "long", "dialogue"))
 GGUF_LOGIT_CASES = _cases(("short", "long", "chat"), ("short", "long"))
 
 
@@ -129,13 +132,14 @@ def compare_logits(label: str, ours_ids: list[int], ours_logits: np.ndarray, mod
     report.append(summary)
     if maxd <= LOGIT_ATOL:
         return
-    # diagnostics: a float64 run of the same transformers model (converted back exactly afterwards)
-    model.double()
+    # diagnostics: a float64 run of the same transformers model (converted back exactly afterwards;
+    # nn.Module's own casts, because GGUF-loaded models refuse PreTrainedModel.double()/.float())
+    torch.nn.Module.double(model)
     try:
         with torch.no_grad():
             l64 = model(ids).logits[0].numpy()
     finally:
-        model.float()
+        torch.nn.Module.float(model)
     ours64 = float(np.abs(ours_logits - l64).max())
     theirs64 = float(np.abs(theirs - l64).max())
     bad = [(int(p), float(per_pos[p])) for p in np.argsort(-per_pos)[:5]]
@@ -298,7 +302,7 @@ def _tokenize_both(mechc, imports, workdir, model):
             mechc.tokenize(d, texts, special=False, workdir=workdir))
 
 
-def _mismatches(texts, ours, ref, tok=None, limit=8):
+def _mismatches(texts, ours, ref, tok=None):
     out = []
     for t, a, b in zip(texts, ours, ref):
         if a != b:
