@@ -272,7 +272,8 @@ pub fn import(path: &Path, out: &Path, dtype: DType, force: bool, show_progress:
     if let Some(&e) = cfg.eos_token_ids.first() {
         gen.insert("eos_token_id".into(), e.into());
     }
-    if let Some(p) = g.opt_u64("tokenizer.ggml.padding_token_id")? {
+    // llama.cpp writes 0xFFFFFFFF for "no such token": keep only ids inside the vocabulary.
+    if let Some(p) = g.opt_u64("tokenizer.ggml.padding_token_id")?.filter(|&p| (p as usize) < cfg.vocab_size) {
         gen.insert("pad_token_id".into(), p.into());
     }
     write_json(&dir.path().join("generation_config.json"), &serde_json::Value::Object(gen))?;

@@ -99,17 +99,25 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
 
 /// Load config and weights of an HF directory.
 pub fn load_model(dir: &Path) -> Result<Model> {
+    load_model_with_progress(dir, false)
+}
+
+/// [`load_model`] with a progress bar over the tensors.
+pub fn load_model_with_progress(dir: &Path, show: bool) -> Result<Model> {
     let cfg = read_config(dir)?;
     let shards = Shards::open(dir)?;
     let main_file = shards.files[0].path.clone();
+    let bar = crate::progress::bar(TensorRole::all(&cfg).len() as u64, "loading", show);
     // Tied checkpoints sometimes still carry lm_head.weight; untied ones must.
     let model = Model::from_tensors(cfg, &main_file, |role| {
+        bar.inc(1);
         let name = role.hf_name();
         shards.get(&name).map_err(|e| match e {
             Error::BadFile { .. } => e,
             other => Error::bad_file(shards.file_of(&name), other.to_string()),
         })
     })?;
+    bar.finish_and_clear();
     let known: BTreeSet<String> = TensorRole::all(&model.cfg).into_iter().map(|r| r.hf_name()).collect();
     for name in shards.by_name.keys() {
         if !known.contains(name) && !(name == "lm_head.weight" && model.cfg.tie_word_embeddings) && !name.ends_with("rotary_emb.inv_freq") {

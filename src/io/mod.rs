@@ -88,7 +88,7 @@ impl Loaded {
 
 pub fn load(path: &Path, show_progress: bool) -> Result<Loaded> {
     let dir = resolve(path, show_progress)?;
-    let model = hf::load_model(&dir)?;
+    let model = hf::load_model_with_progress(&dir, show_progress)?;
     let tok = if dir.join("tokenizer.json").exists() { Some(Tok::from_dir(&dir)?) } else { None };
     let stored_dtype = hf::Shards::open(&dir)?.dtype()?;
     Ok(Loaded { model, tok, dir, stored_dtype })

@@ -27,6 +27,10 @@ import torch
 from interop_common import MODEL_ORDER, MODELS, SHARED_DATA
 
 LOGIT_ATOL = float(os.environ.get("MECHC_INTEROP_LOGIT_ATOL", "1e-4"))
+# See compare_logits: beyond 1e-4, accept up to NOISE_FACTOR x transformers' own f32 error
+# (vs its f64 run) if mechc's own error is at most ACCURACY_FACTOR x transformers'.
+NOISE_FACTOR = 2.0
+ACCURACY_FACTOR = 1.5
 
 # ---------------------------------------------------------------------------------------------
 # prompts
@@ -132,8 +136,13 @@ def compare_logits(label: str, ours_ids: list[int], ours_logits: np.ndarray, mod
     report.append(summary)
     if maxd <= LOGIT_ATOL:
         return
-    # diagnostics: a float64 run of the same transformers model (converted back exactly afterwards;
-    # nn.Module's own casts, because GGUF-loaded models refuse PreTrainedModel.double()/.float())
+    # Over 1e-4: measure both sides against a float64 run of the same transformers model
+    # (converted back exactly afterwards; nn.Module's own casts, because GGUF-loaded models refuse
+    # PreTrainedModel.double()/.float()). On SmolLM2 (logits up to ~40) transformers' own f32
+    # forward is already ~1e-4 away from its f64 forward, so two correct f32 implementations with
+    # different summation orders cannot agree to 1e-4 at every position. We then accept the f32
+    # noise floor instead -- a difference of at most twice transformers' own f32 error -- but only
+    # if mechc is itself no less accurate than transformers (vs f64), so a real mismatch still fails.
     torch.nn.Module.double(model)
     try:
         with torch.no_grad():
@@ -142,13 +151,18 @@ def compare_logits(label: str, ours_ids: list[int], ours_logits: np.ndarray, mod
         torch.nn.Module.float(model)
     ours64 = float(np.abs(ours_logits - l64).max())
     theirs64 = float(np.abs(theirs - l64).max())
+    allowed = max(LOGIT_ATOL, NOISE_FACTOR * theirs64)
+    accurate = ours64 <= ACCURACY_FACTOR * theirs64 + 1e-5
+    note = (f"  over {LOGIT_ATOL:g}; vs a float64 run of the transformers model: mechc {ours64:.2e}, "
+            f"transformers-f32 {theirs64:.2e} (ratio {ours64 / max(theirs64, 1e-30):.2f}x); "
+            f"f32 noise floor allows {allowed:.2e}: {'accepted' if maxd <= allowed and accurate else 'REJECTED'}")
+    report.append(note)
+    if maxd <= allowed and accurate:
+        return
     bad = [(int(p), float(per_pos[p])) for p in np.argsort(-per_pos)[:5]]
-    msg = (f"{summary} > tolerance {LOGIT_ATOL:g}\n"
+    msg = (f"{summary}\n"
            f"  worst positions (pos, diff): {[(p, f'{d:.2e}') for p, d in bad]}; "
-           f"{int((per_pos > LOGIT_ATOL).sum())}/{n} positions over tolerance\n"
-           f"  vs a float64 run of the transformers model: mechc {ours64:.2e}, transformers-f32 {theirs64:.2e} "
-           f"(ratio {ours64 / max(theirs64, 1e-30):.1f}x)")
-    report.append("  " + msg.splitlines()[-1].strip())
+           f"{int((per_pos > LOGIT_ATOL).sum())}/{n} positions over {LOGIT_ATOL:g}\n{note}")
     raise AssertionError(msg)
 
 

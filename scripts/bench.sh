@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# mechc vs HF transformers on SmolLM2-135M-Instruct, same machine, same run, 2 threads each:
+# 64- and 512-token prefill (median of 5), greedy decode tok/s (64 tokens, KV cache), peak RSS.
+# Prints both JSON lines and a table of ratios (>1 = mechc better).
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+export MECHC_CACHE="${MECHC_CACHE:-$REPO/.cache}"
+SHARED="${MECHC_SHARED_DATA:-$REPO/../shared/data}"
+bash scripts/fetch_models.sh smollm2 >&2
+bash scripts/setup_python.sh >&2
+cargo build --release -q
+MECHC=./target/release/mechc
+DIR="$MECHC_CACHE/bench/SmolLM2-135M-Instruct"
+[ -f "$DIR/config.json" ] || $MECHC -q import "$MECHC_CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$DIR"
+IDS="$MECHC_CACHE/bench/ids.json"
+head -c 20000 "$SHARED/text/wikitext2-test.raw" > "$MECHC_CACHE/bench/text.txt"
+$MECHC tokenize "$DIR" --file <(python3 -c 'import json,sys; print(json.dumps([open(sys.argv[1]).read()]))' "$MECHC_CACHE/bench/text.txt") --no-special \
+    | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)[0][:600]))' > "$IDS"
+export RAYON_NUM_THREADS=2 OMP_NUM_THREADS=2
+ours=$($MECHC -q bench "$DIR" --ids-file "$IDS")
+theirs=$("$MECHC_CACHE/venv/bin/python" scripts/bench_reference.py "$DIR" --ids-file "$IDS")
+echo "$ours"
+echo "$theirs"
+python3 - "$ours" "$theirs" <<'PY'
+import json, sys
+a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+rows = [("prefill 64 tokens (ms)", "prefill_64_ms", False), ("prefill 512 tokens (ms)", "prefill_512_ms", False),
+        ("decode (tokens/s)", "decode_tok_s", True), ("peak RSS (MB)", "peak_rss_mb", False)]
+print(f"| {'SmolLM2-135M, f32, 2 threads':<30} | {'mechc':>8} | {'transformers':>12} | {'mechc advantage':>15} |")
+print(f"|{'-'*32}|{'-'*10}|{'-'*14}|{'-'*17}|")
+for name, k, higher_better in rows:
+    x, y = a.get(k), b.get(k)
+    if x is None or y is None:
+        continue
+    r = x / y if higher_better else y / x
+    print(f"| {name:<30} | {x:>8.1f} | {y:>12.1f} | {r:>14.2f}x |")
+PY
