@@ -72,10 +72,11 @@ fn safetensors_header_offsets_overrun_the_file() {
 fn non_finite_weights() {
     let (_t, dir) = stories_dir();
     let mut m = mechc::io::hf::load_model(&dir).unwrap();
-    let w = &m.blocks[2].up.w;
+    let w = m.blocks[2].up.w();
     let mut v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     v[17] = f32::NAN;
-    m.blocks[2].up.w = candle_core::Tensor::from_vec(v, w.dims(), w.device()).unwrap();
+    let bad = candle_core::Tensor::from_vec(v, w.dims(), w.device()).unwrap();
+    m.blocks[2].up = mechc::model::Linear::new(&bad, None).unwrap();
     mechc::io::hf::save_model(&m, &dir, candle_core::DType::F32, &Default::default()).unwrap();
     fails(mechc().arg("generate").arg(&dir), &["model.layers.2.mlp.up_proj.weight", "NaN"]);
 }

@@ -142,7 +142,7 @@ proptest! {
         // attn_out = z_flat @ Woᵀ (+ b): the ablated head contributes nothing.
         let blk = &m.blocks[l];
         let zf = z.flatten_from(2).unwrap();
-        let mut want = zf.broadcast_matmul(&blk.o.w.t().unwrap()).unwrap();
+        let mut want = zf.broadcast_matmul(&blk.o.w().t().unwrap()).unwrap();
         if let Some(b) = &blk.o.b { want = want.broadcast_add(b).unwrap(); }
         prop_assert!(rel_diff(&h.captured[&HookPoint::AttnOut(l)], &want) < 1e-5);
     }

@@ -2,6 +2,7 @@
 //! they share the decoder forward (`decoder.rs`) and the tensor table below, which maps every
 //! component to its HF tensor name so that loaders, passes and emitters never hard-code names.
 
+pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod llama;

@@ -1,12 +1,12 @@
-//! `x @ Wᵀ` whose backward computes only the input gradient. candle's matmul backward always
+//! `x @ W` whose backward computes only the input gradient. candle's matmul backward always
 //! computes the weight gradient too, even for weights nobody optimises, which tripled the cost
 //! of a gradient step in our measurements (notes/stack.md).
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 struct FrozenMatmul {
-    /// [out, in]
-    w: Tensor,
+    /// [in, out]
+    wt: Tensor,
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -20,17 +20,17 @@ impl CustomOp1 for FrozenMatmul {
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("frozen-matmul: input must be contiguous".into()))?;
         let x = Tensor::from_slice(&data[start..end], layout.shape(), &candle_core::Device::Cpu)?;
-        let y = x.broadcast_matmul(&self.w.t()?)?;
+        let y = x.broadcast_matmul(&self.wt)?;
         let shape = y.shape().clone();
         Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad_res.broadcast_matmul(&self.w)?))
+        Ok(Some(grad_res.broadcast_matmul(&self.wt.t()?)?))
     }
 }
 
-/// `x @ wᵀ` differentiable in `x` only. `x` is f32 [..., in], `w` is f32 [out, in].
-pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1(FrozenMatmul { w: w.detach() })
+/// `x @ wt` differentiable in `x` only. `x` is f32 [..., in], `wt` is f32 [in, out].
+pub fn frozen_matmul(x: &Tensor, wt: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(FrozenMatmul { wt: wt.detach() })
 }

@@ -61,7 +61,7 @@ pub fn generate(
     let mut out = vec![];
     let mut sampler = Sampler::new(opts);
     let mut cache = KvCache::new(model.cfg.num_layers);
-    let fwd = Fwd { grad: false, last_only: true };
+    let fwd = Fwd { last_only: true, ..Fwd::default() };
     let mut logits = model.forward(&Batch::single(prompt), Some(&mut cache), hooks, fwd)?;
     for _ in 0..opts.max_tokens {
         let next = sampler.next(&logits.squeeze(1)?)?[0];
@@ -83,7 +83,7 @@ pub fn generate_batch(model: &Model, prompts: &[Vec<u32>], opts: &GenOpts, hooks
     let mut done = vec![false; b];
     let mut sampler = Sampler::new(opts);
     let mut cache = KvCache::new(model.cfg.num_layers);
-    let fwd = Fwd { grad: false, last_only: true };
+    let fwd = Fwd { last_only: true, ..Fwd::default() };
     let mut logits = model.forward(&Batch::left_padded(prompts, pad), Some(&mut cache), hooks, fwd)?;
     for _ in 0..opts.max_tokens {
         let next = sampler.next(&logits.squeeze(1)?)?;

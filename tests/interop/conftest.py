@@ -169,8 +169,10 @@ class Traces:
     def __init__(self, mechc: Mechc, imports: Imports, root: Path):
         self.mechc, self.imports, self.root, self.files = mechc, imports, root, {}
 
-    def get(self, model: str, text: str, chat: bool = False, on_gguf: bool = False) -> Trace:
-        key = (model, text, chat, on_gguf)
+    def get(self, model: str, text: str, chat: bool = False, on_gguf: bool = False, precise: bool = True) -> Trace:
+        """`precise`: mechc's blocked matmul summation (as accurate as transformers' f32 forward,
+        which the 1e-4 comparison needs); without it, the fast default summation order."""
+        key = (model, text, chat, on_gguf, precise)
         if key not in self.files:
             if on_gguf:
                 _require_model(MODELS[model])
@@ -181,6 +183,8 @@ class Traces:
             args = ["trace", src, "--prompt", text, "--out", out, "--force"]
             if chat:
                 args.append("--chat")
+            if precise:
+                args.append("--precise")
             self.mechc.run(*args)
             self.files[key] = (out, str(src))
         from safetensors.numpy import load_file

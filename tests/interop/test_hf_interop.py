@@ -191,6 +191,29 @@ def test_logits_match_transformers_on_imported_dir(model, pid, traces, hf_dir, r
     compare_logits(f"[imported dir] {model}/{pid}", tr.input_ids, tr.logits, hf, report)
 
 
+# mechc's default (fast) summation order: same math, f32 rounding of a sequential dot product.
+FAST_ATOL = 5e-4
+
+
+@pytest.mark.parametrize("model,pid", _cases(("long", "chat"), ("long",)))
+def test_fast_mode_logits_close_to_transformers(model, pid, traces, hf_dir, report):
+    text, chat = prompt(model, pid)
+    fast = traces.get(model, text, chat, precise=False)
+    precise = traces.get(model, text, chat)
+    assert fast.input_ids == precise.input_ids
+    _, hf = hf_dir.get(model)
+    ids = torch.tensor([fast.input_ids], dtype=torch.long)
+    with torch.no_grad():
+        theirs = hf(ids).logits[0].float().numpy()
+    d = np.abs(fast.logits.astype(np.float64) - theirs).max(axis=1)
+    top1 = int((fast.logits.argmax(1) == theirs.argmax(1)).sum())
+    n = len(fast.input_ids)
+    line = (f"[fast mode] {model}/{pid}: max|Δlogit| vs transformers {d.max():.2e} at pos {int(d.argmax())}, "
+            f"top-1 agreement {top1}/{n}, max|fast - precise| {np.abs(fast.logits - precise.logits).max():.2e}")
+    report.append(line)
+    assert d.max() <= FAST_ATOL and top1 == n, line
+
+
 @pytest.mark.parametrize("model", MODEL_ORDER)
 def test_emitted_special_token_ids_are_in_vocab(model, imports):
     """config.json / generation_config.json must not carry ids outside the vocabulary (llama.cpp
