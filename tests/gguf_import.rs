@@ -7,6 +7,7 @@ mod common;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::Tensor;
+use mechc::io::gguf::gguf_name;
 use mechc::model::random::{random_model, RandomSpec};
 use mechc::model::{Arch, Proj, TensorRole};
 
@@ -34,27 +35,6 @@ fn bound(t: GgmlDType) -> f32 {
         GgmlDType::Q5_0 | GgmlDType::Q5K => 0.06,
         GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K => 0.12,
         _ => 0.5, // Q2K, Q3K
-    }
-}
-
-fn gguf_name(role: TensorRole) -> String {
-    let p = |p: Proj| match p {
-        Proj::Q => "attn_q",
-        Proj::K => "attn_k",
-        Proj::V => "attn_v",
-        Proj::O => "attn_output",
-        Proj::Gate => "ffn_gate",
-        Proj::Up => "ffn_up",
-        Proj::Down => "ffn_down",
-    };
-    match role {
-        TensorRole::Embed => "token_embd.weight".into(),
-        TensorRole::FinalNorm => "output_norm.weight".into(),
-        TensorRole::LmHead => "output.weight".into(),
-        TensorRole::AttnNorm(l) => format!("blk.{l}.attn_norm.weight"),
-        TensorRole::MlpNorm(l) => format!("blk.{l}.ffn_norm.weight"),
-        TensorRole::Weight(l, x) => format!("blk.{l}.{}.weight", p(x)),
-        TensorRole::Bias(l, x) => format!("blk.{l}.{}.bias", p(x)),
     }
 }
 

@@ -27,15 +27,11 @@ pub struct ImportArgs {
 }
 
 pub fn run(a: ImportArgs, g: &Global) -> anyhow::Result<()> {
-    let dtype = mechc_dtype(&a.dtype)?;
+    let dtype = crate::io::st::parse_dtype(&a.dtype)?;
     let t = std::time::Instant::now();
     let out = crate::io::gguf::import(&a.file, &a.out, dtype, a.force, g.progress())?;
     if !g.quiet {
         eprintln!("imported {} → {} in {:.1}s", a.file.display(), out.display(), t.elapsed().as_secs_f64());
     }
     Ok(())
-}
-
-fn mechc_dtype(s: &str) -> crate::Result<candle_core::DType> {
-    crate::io::st::parse_dtype(s)
 }

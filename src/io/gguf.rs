@@ -173,7 +173,7 @@ impl Gguf {
 }
 
 /// GGUF name of a tensor role.
-fn gguf_name(role: TensorRole) -> String {
+pub fn gguf_name(role: TensorRole) -> String {
     let proj = |p: Proj| match p {
         Proj::Q => "attn_q",
         Proj::K => "attn_k",

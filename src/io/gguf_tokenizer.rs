@@ -317,3 +317,28 @@ fn byte_level(g: &Gguf, tokens: &[String]) -> Result<J> {
                   "vocab": vocab_json(&spelled), "merges": merges}
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merges_follow_score_then_piece_length_then_ids() {
+        let tokens: Vec<String> = ["a", "b", "c", "ab", "bc", "abc"].map(String::from).to_vec();
+        let scores = [0.0, 0.0, 0.0, -1.0, -2.0, -3.0];
+        let m = merges_from_scores(&tokens, &scores);
+        let got: Vec<String> = m.iter().map(|[l, r]| format!("{l} {r}")).collect();
+        // "abc" splits two ways at the same score: the longer left piece first.
+        assert_eq!(got, ["a b", "b c", "ab c", "a bc"]);
+    }
+
+    #[test]
+    fn byte_table_is_gpt2s() {
+        let t = bytes_to_unicode();
+        assert_eq!(t[b'A' as usize], 'A');
+        assert_eq!(t[b' ' as usize], 'Ġ');
+        assert_eq!(t[b'\n' as usize], 'Ċ');
+        let distinct: std::collections::HashSet<char> = t.iter().copied().collect();
+        assert_eq!(distinct.len(), 256);
+    }
+}

@@ -19,6 +19,29 @@ pub struct AttnMask {
     pub key_valid: Option<Arc<Vec<Vec<bool>>>>,
 }
 
+impl AttnMask {
+    /// Whether query `i` (of the current chunk) of batch row `batch` may attend to key `j`.
+    fn allows(&self, batch: usize, i: usize, j: usize) -> bool {
+        j <= self.past + i && self.key_valid.as_ref().is_none_or(|v| v[batch][j])
+    }
+
+    /// The mask as an additive tensor [b, 1, 1, t, total] of 0 and -1e30 (for composed ops).
+    pub fn additive(&self, b: usize, device: &candle_core::Device) -> candle_core::Result<Tensor> {
+        let total = self.past + self.t;
+        let mut m = vec![0f32; b * self.t * total];
+        for r in 0..b {
+            for i in 0..self.t {
+                for j in 0..total {
+                    if !self.allows(r, i, j) {
+                        m[(r * self.t + i) * total + j] = -1e30;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(m, (b, 1, 1, self.t, total), device)
+    }
+}
+
 struct MaskedSoftmax {
     scale: f32,
     mask: AttnMask,
@@ -38,15 +61,13 @@ impl CustomOp1 for MaskedSoftmax {
         let dims = layout.shape().dims();
         let total = dims[dims.len() - 1];
         let rows_per_batch: usize = dims[1..dims.len() - 1].iter().product();
-        let AttnMask { past, t, key_valid } = &self.mask;
-        let (past, t, scale) = (*past, *t, self.scale);
+        let (mask, scale) = (&self.mask, self.scale);
         let mut dst = vec![0f32; src.len()];
         dst.par_chunks_mut(total).zip(src.par_chunks(total)).enumerate().for_each(|(r, (d, s))| {
             let batch = r / rows_per_batch;
-            let i = r % t; // query position within the chunk (t is the second-to-last axis)
-            let limit = (past + i + 1).min(total);
-            let valid = key_valid.as_ref().map(|v| &v[batch]);
-            let ok = |j: usize| valid.is_none_or(|v| v[j]);
+            let i = r % mask.t; // query position within the chunk (t is the second-to-last axis)
+            let limit = (mask.past + i + 1).min(total); // causal: no key beyond is allowed
+            let ok = |j: usize| mask.allows(batch, i, j);
             let mut max = f32::NEG_INFINITY;
             for j in 0..limit {
                 if ok(j) {

@@ -237,7 +237,6 @@ impl Model {
             _ => vec![vec![]; b],
         };
         let past = past_valid[0].len();
-        let total = past + t;
 
         // Positions: the number of valid tokens before this one in its row.
         let positions: Vec<Vec<u32>> = (0..b)
@@ -255,29 +254,14 @@ impl Model {
             .collect();
         let (cos, sin) = self.rope.cos_sin(&positions, &self.device)?;
 
-        // Which keys each query may see: causal, and valid (not padding). The gradient mode adds
-        // it as a tensor of 0 / -1e30; inference uses the fused masked softmax.
+        // Which keys each query may see: causal, and valid (not padding). Inference applies it in
+        // the fused masked softmax; the gradient mode adds it as a tensor of 0 / -1e30.
         let any_invalid = batch.has_padding() || past_valid.iter().flatten().any(|v| !v);
         let key_valid: Option<Vec<Vec<bool>>> = any_invalid.then(|| {
             (0..b).map(|r| past_valid[r].iter().chain(batch.valid[r].iter()).copied().collect()).collect()
         });
-        let mask = if opt.grad && (t > 1 || any_invalid) {
-            let mut m = vec![0f32; b * t * total];
-            for r in 0..b {
-                for i in 0..t {
-                    for j in 0..total {
-                        let key_valid = key_valid.as_ref().is_none_or(|kv| kv[r][j]);
-                        if j > past + i || !key_valid {
-                            m[(r * t + i) * total + j] = -1e30;
-                        }
-                    }
-                }
-            }
-            Some(Tensor::from_vec(m, (b, 1, 1, t, total), &self.device)?)
-        } else {
-            None
-        };
         let attn_mask = AttnMask { past, t, key_valid: key_valid.map(std::sync::Arc::new) };
+        let mask = if opt.grad && (t > 1 || any_invalid) { Some(attn_mask.additive(b, &self.device)?) } else { None };
 
         let ids: Vec<u32> = batch.ids.iter().flatten().copied().collect();
         let ids = Tensor::from_vec(ids, (b * t,), &self.device)?;

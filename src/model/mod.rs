@@ -10,7 +10,7 @@ pub mod qwen2;
 pub mod random;
 pub mod rope;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde_json::{Map, Value};
 
 pub use config::{Arch, ModelConfig, RopeScaling};
@@ -199,13 +199,21 @@ pub fn config_json(cfg: &ModelConfig) -> Map<String, Value> {
 
 /// Check that a tensor is finite; name it in the error.
 pub fn check_finite(t: &Tensor, name: &str, file: &std::path::Path) -> Result<()> {
-    let s = t.to_dtype(DType::F32)?.sub(&t.to_dtype(DType::F32)?)?.sum_all()?.to_scalar::<f32>()?;
+    // x − x is 0 for finite x and NaN for NaN/±inf; one NaN makes the sum NaN.
+    let t = t.to_dtype(DType::F32)?;
+    let s = (&t - &t)?.sum_all()?.to_scalar::<f32>()?;
     if s.is_nan() {
         return Err(Error::bad_file(file, format!("tensor `{name}` contains NaN or infinite values")));
     }
     Ok(())
 }
 
-pub fn cpu() -> Device {
-    Device::Cpu
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn f32_metadata_is_written_as_people_write_it() {
+        assert_eq!(super::json_f64(9.999999747378752e-06).to_string(), "0.00001");
+        assert_eq!(super::json_f64(9.999999974752427e-07).to_string(), "1e-6");
+        assert_eq!(super::json_f64(100000.0).to_string(), "100000.0");
+    }
 }
