@@ -12,6 +12,7 @@ pub mod model;
 pub mod progress;
 pub mod runtime;
 pub mod tokenizer;
+pub mod verify;
 
 #[path = "../passes/mod.rs"]
 pub mod passes;

@@ -1,6 +1,7 @@
 //! The command line: one file per subcommand. Doc comments are the `--help` text.
 
 pub mod bench;
+pub mod eval;
 pub mod generate;
 pub mod import;
 pub mod inspect;
@@ -48,6 +49,7 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     Generate(generate::GenerateArgs),
     Trace(trace::TraceArgs),
+    Eval(eval::EvalArgs),
     Tokenize(tokenize::TokenizeArgs),
     Bench(bench::BenchArgs),
     #[command(hide = true)]
@@ -71,6 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => inspect::run(a, &g),
         Command::Generate(a) => generate::run(a, &g),
         Command::Trace(a) => trace::run(a, &g),
+        Command::Eval(a) => eval::run(a, &g),
         Command::Tokenize(a) => tokenize::run(a, &g),
         Command::Bench(a) => bench::run(a, &g),
         Command::RandomModel(a) => random_model::run(a, &g),

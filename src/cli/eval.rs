@@ -1,0 +1,76 @@
+//! `mechc eval TASK`: task metrics of one model.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use super::Global;
+
+/// Measure a model on a task.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(subcommand)]
+    pub task: Task,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Task {
+    Perplexity(PerplexityArgs),
+}
+
+/// Perplexity of a text with a sliding window, as the transformers documentation computes it:
+/// windows of --seq-len tokens every --stride tokens, each scoring only the tokens the previous
+/// window did not. Compare with published numbers only when text, tokenisation, sequence
+/// length and stride all match.
+#[derive(Args, Debug)]
+pub struct PerplexityArgs {
+    /// HF model directory or .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Plain-text file (CRLF line endings are normalised to LF).
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Use only the first N tokens of the text (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub tokens: usize,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Distance between window starts (default: --seq-len, i.e. disjoint windows).
+    #[arg(long)]
+    pub stride: Option<usize>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: EvalArgs, g: &Global) -> anyhow::Result<()> {
+    match a.task {
+        Task::Perplexity(p) => perplexity(p, g),
+    }
+}
+
+fn perplexity(a: PerplexityArgs, g: &Global) -> anyhow::Result<()> {
+    let loaded = crate::io::load(&a.model, g.progress())?;
+    let text = std::fs::read_to_string(&a.text).map_err(|e| crate::Error::io(&a.text, e))?.replace("\r\n", "\n");
+    let mut ids = loaded.tok()?.encode(&text, false)?;
+    if a.tokens > 0 {
+        ids.truncate(a.tokens);
+    }
+    let stride = a.stride.unwrap_or(a.seq_len);
+    let bar = crate::progress::bar(0, "windows", g.progress());
+    let r = crate::verify::perplexity::perplexity(&loaded.model, &ids, a.seq_len, stride, |i, n| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64);
+    })?;
+    bar.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "perplexity {:.4} (mean NLL {:.5} nats) over {} scored of {} tokens, {} windows of {} (stride {})",
+            r.perplexity, r.nll, r.scored_tokens, r.total_tokens, r.windows, r.seq_len, r.stride
+        );
+    }
+    Ok(())
+}
