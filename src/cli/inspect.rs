@@ -39,7 +39,7 @@ pub fn run(a: InspectArgs, g: &Global) -> anyhow::Result<()> {
     let dir = crate::io::resolve(&a.model, g.progress())?;
     let cfg = crate::io::hf::read_config(&dir)?;
     let shards = crate::io::hf::Shards::open(&dir)?;
-    let tok = crate::tokenizer::Tok::from_dir(&dir)?;
+    let tok = if dir.join("tokenizer.json").exists() { Some(crate::tokenizer::Tok::from_dir(&dir)?) } else { None };
     let mut per_kind: BTreeMap<&str, usize> = BTreeMap::new();
     let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
     let mut total = 0usize;
@@ -56,12 +56,9 @@ pub fn run(a: InspectArgs, g: &Global) -> anyhow::Result<()> {
         total += n;
     }
     let specials: Vec<String> = tok
-        .inner
-        .get_added_tokens_decoder()
-        .values()
-        .filter(|t| t.special)
-        .map(|t| t.content.clone())
-        .collect();
+        .as_ref()
+        .map(|t| t.inner.get_added_tokens_decoder().values().filter(|t| t.special).map(|t| t.content.clone()).collect())
+        .unwrap_or_default();
     let layer0 = |p: Proj| TensorRole::Weight(0, p).shape(&cfg);
     let info = json!({
         "path": dir,
@@ -84,12 +81,12 @@ pub fn run(a: InspectArgs, g: &Global) -> anyhow::Result<()> {
         },
         "parameters": {"total": total, "by_kind": per_kind},
         "storage": {"dtypes": dtypes, "files": shards.files.len(), "bytes": bytes},
-        "tokenizer": {
+        "tokenizer": tok.as_ref().map(|tok| json!({
             "vocab": tok.vocab_size(),
             "bos": tok.bos_token, "eos": tok.eos_token,
             "special_tokens": specials.len(),
             "chat_template": tok.chat_template.is_some(),
-        },
+        })),
     });
     if a.json {
         println!("{}", serde_json::to_string_pretty(&info)?);
@@ -113,13 +110,16 @@ pub fn run(a: InspectArgs, g: &Global) -> anyhow::Result<()> {
         println!("    {:<10} {:?}", format!("{p:?}").to_lowercase(), layer0(p));
     }
     println!("  storage: {:?} in {} file(s), {:.1} MB", dtypes, shards.files.len(), bytes as f64 / 1e6);
-    println!(
-        "  tokenizer: {} tokens, {} special, bos {:?}, eos {:?}, chat template: {}",
-        tok.vocab_size(),
-        specials.len(),
-        tok.bos_token.as_deref().unwrap_or("-"),
-        tok.eos_token.as_deref().unwrap_or("-"),
-        if tok.chat_template.is_some() { "yes" } else { "no" }
-    );
+    match &tok {
+        Some(tok) => println!(
+            "  tokenizer: {} tokens, {} special, bos {:?}, eos {:?}, chat template: {}",
+            tok.vocab_size(),
+            specials.len(),
+            tok.bos_token.as_deref().unwrap_or("-"),
+            tok.eos_token.as_deref().unwrap_or("-"),
+            if tok.chat_template.is_some() { "yes" } else { "no" }
+        ),
+        None => println!("  tokenizer: none (no tokenizer.json)"),
+    }
     Ok(())
 }
