@@ -40,12 +40,15 @@ impl Shards {
                 shard_names.insert(s.to_string());
             }
             let shard_idx: BTreeMap<String, usize> = shard_names.iter().cloned().enumerate().map(|(i, s)| (s, i)).collect();
+            let mut names: Vec<BTreeSet<String>> = vec![];
             for s in &shard_names {
-                files.push(StFile::open(&dir.join(s))?);
+                let f = StFile::open(&dir.join(s))?;
+                names.push(f.names()?.into_iter().collect());
+                files.push(f);
             }
             for (name, v) in map {
                 let i = shard_idx[v.as_str().unwrap_or_default()];
-                if !files[i].names()?.iter().any(|n| n == name) {
+                if !names[i].contains(name) {
                     return Err(Error::bad_file(&files[i].path, format!("the index lists `{name}` here but the file lacks it")));
                 }
                 by_name.insert(name.clone(), i);
@@ -104,8 +107,12 @@ pub fn load_model(dir: &Path) -> Result<Model> {
 
 /// [`load_model`] with a progress bar over the tensors.
 pub fn load_model_with_progress(dir: &Path, show: bool) -> Result<Model> {
+    load_from_shards(dir, &Shards::open(dir)?, show)
+}
+
+/// Build the model of `dir` from its already opened safetensors files.
+pub fn load_from_shards(dir: &Path, shards: &Shards, show: bool) -> Result<Model> {
     let cfg = read_config(dir)?;
-    let shards = Shards::open(dir)?;
     let main_file = shards.files[0].path.clone();
     let bar = crate::progress::bar(TensorRole::all(&cfg).len() as u64, "loading", show);
     // Tied checkpoints sometimes still carry lm_head.weight; untied ones must.

@@ -88,8 +88,10 @@ impl Loaded {
 
 pub fn load(path: &Path, show_progress: bool) -> Result<Loaded> {
     let dir = resolve(path, show_progress)?;
-    let model = hf::load_model_with_progress(&dir, show_progress)?;
+    let shards = hf::Shards::open(&dir)?;
+    let model = hf::load_from_shards(&dir, &shards, show_progress)?;
+    let stored_dtype = shards.dtype()?;
+    drop(shards);
     let tok = if dir.join("tokenizer.json").exists() { Some(Tok::from_dir(&dir)?) } else { None };
-    let stored_dtype = hf::Shards::open(&dir)?.dtype()?;
     Ok(Loaded { model, tok, dir, stored_dtype })
 }
