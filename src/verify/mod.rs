@@ -1,4 +1,5 @@
-//! Behaviour measurements of a model: perplexity now; diffs between models, task metrics and
-//! budgets come with the verify issue.
+//! Behaviour measurements of a model: perplexity, batched scoring, and (with the verify issue)
+//! diffs between models, task metrics and budgets.
 
 pub mod perplexity;
+pub mod score;

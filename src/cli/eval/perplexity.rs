@@ -1,22 +1,10 @@
-//! `mechc eval TASK`: task metrics of one model.
+//! `mechc eval perplexity`.
 
 use std::path::PathBuf;
 
-use clap::{Args, Subcommand};
+use clap::Args;
 
-use super::Global;
-
-/// Measure a model on a task.
-#[derive(Args, Debug)]
-pub struct EvalArgs {
-    #[command(subcommand)]
-    pub task: Task,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum Task {
-    Perplexity(PerplexityArgs),
-}
+use crate::cli::Global;
 
 /// Perplexity of a text with a sliding window, as the transformers documentation computes it:
 /// windows of --seq-len tokens every --stride tokens, each scoring only the tokens the previous
@@ -44,13 +32,7 @@ pub struct PerplexityArgs {
     pub json: bool,
 }
 
-pub fn run(a: EvalArgs, g: &Global) -> anyhow::Result<()> {
-    match a.task {
-        Task::Perplexity(p) => perplexity(p, g),
-    }
-}
-
-fn perplexity(a: PerplexityArgs, g: &Global) -> anyhow::Result<()> {
+pub fn run(a: PerplexityArgs, g: &Global) -> anyhow::Result<()> {
     let loaded = crate::io::load(&a.model, g.progress())?;
     let text = std::fs::read_to_string(&a.text).map_err(|e| crate::Error::io(&a.text, e))?.replace("\r\n", "\n");
     let mut ids = loaded.tok()?.encode(&text, false)?;

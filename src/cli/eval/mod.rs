@@ -1,0 +1,25 @@
+//! `mechc eval TASK`: task metrics of one model, one file per task.
+
+pub mod perplexity;
+
+use clap::{Args, Subcommand};
+
+use super::Global;
+
+/// Measure a model on a task.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(subcommand)]
+    pub task: Task,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Task {
+    Perplexity(perplexity::PerplexityArgs),
+}
+
+pub fn run(a: EvalArgs, g: &Global) -> anyhow::Result<()> {
+    match a.task {
+        Task::Perplexity(p) => perplexity::run(p, g),
+    }
+}
