@@ -11,6 +11,7 @@ pub mod error;
 pub mod io;
 pub mod model;
 pub mod progress;
+pub mod report;
 pub mod runtime;
 pub mod tokenizer;
 pub mod verify;

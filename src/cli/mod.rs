@@ -1,6 +1,7 @@
 //! The command line: one file per subcommand. Doc comments are the `--help` text.
 
 pub mod bench;
+pub mod diff;
 pub mod eval;
 pub mod generate;
 pub mod import;
@@ -49,6 +50,7 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     Generate(generate::GenerateArgs),
     Trace(trace::TraceArgs),
+    Diff(diff::DiffArgs),
     Eval(eval::EvalArgs),
     Tokenize(tokenize::TokenizeArgs),
     Bench(bench::BenchArgs),
@@ -73,6 +75,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => inspect::run(a, &g),
         Command::Generate(a) => generate::run(a, &g),
         Command::Trace(a) => trace::run(a, &g),
+        Command::Diff(a) => diff::run(a, &g),
         Command::Eval(a) => eval::run(a, &g),
         Command::Tokenize(a) => tokenize::run(a, &g),
         Command::Bench(a) => bench::run(a, &g),

@@ -109,3 +109,19 @@ pub fn make_readable(p: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Write one file whole or not at all: into a temporary sibling, then renamed over `path`.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let abs = absolute(path)?;
+    let parent = abs.parent().ok_or_else(|| Error::output(path, "has no parent directory"))?;
+    std::fs::create_dir_all(parent).with_path(parent)?;
+    let name = abs.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.mechc-tmp-{}", std::process::id()));
+    let res = std::fs::write(&tmp, bytes).with_path(&tmp).and_then(|_| make_readable(&tmp)).and_then(|_| {
+        std::fs::rename(&tmp, &abs).with_path(&abs)
+    });
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}

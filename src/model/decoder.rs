@@ -207,6 +207,11 @@ impl Model {
         v
     }
 
+    /// Parameters actually stored (so pruned, per-layer-shaped models count right).
+    pub fn param_count(&self) -> usize {
+        self.tensors().iter().map(|(_, t)| t.elem_count()).sum()
+    }
+
     fn rms_norm(&self, x: &Tensor, w: &Tensor, grad: bool) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
         if !grad {

@@ -3,3 +3,4 @@
 
 pub mod perplexity;
 pub mod score;
+pub mod diff;

@@ -1,0 +1,239 @@
+//! Self-contained HTML reports (tables + inline SVG plots drawn with plotters): one file that
+//! opens offline in any browser. `diff`, `eval` and `compile` write them with `--report`.
+
+use std::fmt::Write;
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::verify::diff::{PromptsDiff, Side, TextDiff};
+
+pub struct Report {
+    title: String,
+    body: String,
+}
+
+pub fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+impl Report {
+    pub fn new(title: &str) -> Report {
+        Report { title: title.to_string(), body: String::new() }
+    }
+
+    pub fn heading(&mut self, text: &str) -> &mut Self {
+        let _ = writeln!(self.body, "<h2>{}</h2>", escape(text));
+        self
+    }
+
+    pub fn para(&mut self, text: &str) -> &mut Self {
+        let _ = writeln!(self.body, "<p>{}</p>", escape(text));
+        self
+    }
+
+    /// A table; cells are text (escaped).
+    pub fn table<S: AsRef<str>>(&mut self, headers: &[&str], rows: &[Vec<S>]) -> &mut Self {
+        self.body.push_str("<table>\n<tr>");
+        for h in headers {
+            let _ = write!(self.body, "<th>{}</th>", escape(h));
+        }
+        self.body.push_str("</tr>\n");
+        for r in rows {
+            self.body.push_str("<tr>");
+            for c in r {
+                let _ = write!(self.body, "<td>{}</td>", escape(c.as_ref()));
+            }
+            self.body.push_str("</tr>\n");
+        }
+        self.body.push_str("</table>\n");
+        self
+    }
+
+    /// An SVG drawn by one of the plot functions below.
+    pub fn svg(&mut self, svg: &str) -> &mut Self {
+        let _ = writeln!(self.body, "<div class=\"plot\">{svg}</div>");
+        self
+    }
+
+    pub fn html(&self) -> String {
+        format!(
+            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{t}</title><style>\
+             body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}\
+             table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;\
+             vertical-align:top;font-size:0.9em}}th{{background:#f3f3f3}}.plot{{margin:1em 0}}</style></head>\
+             <body><h1>{t}</h1>\n<p>mechc {v}</p>\n{b}</body></html>\n",
+            t = escape(&self.title),
+            v = env!("CARGO_PKG_VERSION"),
+            b = self.body
+        )
+    }
+
+    /// Written atomically (never a half-written report).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        crate::io::atomic::write_file(path, self.html().as_bytes())
+    }
+}
+
+/// `s` on one line, cut to `n` characters.
+pub fn one_line(s: &str, n: usize) -> String {
+    let flat: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let cut: String = flat.chars().take(n).collect();
+    if flat.chars().count() > n {
+        format!("{cut}…")
+    } else {
+        cut
+    }
+}
+
+fn plot_err(e: impl std::fmt::Display) -> Error {
+    Error::invalid(format!("plot: {e}"))
+}
+
+/// Histogram of `values` in `bins` equal bins from 0 (or the minimum, if negative) to the maximum.
+pub fn histogram_svg(values: &[f64], bins: usize, title: &str, x_label: &str) -> Result<String> {
+    let mut s = String::new();
+    let lo = values.iter().copied().fold(0f64, f64::min);
+    let hi = values.iter().copied().fold(f64::MIN, f64::max).max(lo + 1e-12);
+    let width = (hi - lo) / bins as f64;
+    let mut counts = vec![0usize; bins];
+    for &v in values {
+        counts[(((v - lo) / width) as usize).min(bins - 1)] += 1;
+    }
+    let top = counts.iter().copied().max().unwrap_or(1).max(1) as f64 * 1.05;
+    {
+        let root = SVGBackend::with_string(&mut s, (640, 320)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let mut c = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(lo..hi, 0f64..top)
+            .map_err(plot_err)?;
+        c.configure_mesh().x_desc(x_label).y_desc("count").disable_x_mesh().draw().map_err(plot_err)?;
+        c.draw_series(counts.iter().enumerate().map(|(i, &n)| {
+            let x0 = lo + i as f64 * width;
+            Rectangle::new([(x0, 0.0), (x0 + width, n as f64)], BLUE.mix(0.6).filled())
+        }))
+        .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    }
+    Ok(s)
+}
+
+/// Lines through (x, y) points, one per named series, with a legend.
+pub fn lines_svg(series: &[(String, Vec<(f64, f64)>)], title: &str, x_label: &str, y_label: &str) -> Result<String> {
+    let pts = series.iter().flat_map(|(_, p)| p.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in pts {
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+    }
+    if x0 > x1 {
+        return Err(Error::invalid("plot: no points"));
+    }
+    let pad = |a: f64, b: f64| if b - a < 1e-12 { (a - 0.5, b + 0.5) } else { (a - 0.05 * (b - a), b + 0.05 * (b - a)) };
+    let ((x0, x1), (y0, y1)) = (pad(x0, x1), pad(y0, y1));
+    let mut s = String::new();
+    {
+        let root = SVGBackend::with_string(&mut s, (640, 360)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let mut c = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(plot_err)?;
+        c.configure_mesh().x_desc(x_label).y_desc(y_label).draw().map_err(plot_err)?;
+        for (i, (name, p)) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            c.draw_series(LineSeries::new(p.iter().copied(), color.stroke_width(2)))
+                .map_err(plot_err)?
+                .label(name.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+            c.draw_series(p.iter().map(|&xy| Circle::new(xy, 3, color.filled()))).map_err(plot_err)?;
+        }
+        if series.len() > 1 {
+            c.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(plot_err)?;
+        }
+        root.present().map_err(plot_err)?;
+    }
+    Ok(s)
+}
+
+/// The `diff` report: both models, the summary tables, the KL histogram and the moved prompts.
+pub fn write_diff(path: &Path, sides: &[Side; 2], p: Option<&PromptsDiff>, t: Option<&TextDiff>) -> Result<()> {
+    let mut r = Report::new("mechc diff");
+    let rows: Vec<Vec<String>> = ["A", "B"]
+        .iter()
+        .zip(sides)
+        .map(|(n, s)| {
+            vec![
+                n.to_string(),
+                s.path.display().to_string(),
+                s.architecture.clone(),
+                s.layers.to_string(),
+                format!("{:.2}M", s.parameters as f64 / 1e6),
+                format!("{:.1} MB", s.file_bytes as f64 / 1e6),
+            ]
+        })
+        .collect();
+    r.heading("Models").table(&["", "path", "architecture", "layers", "parameters", "weights"], &rows);
+    if let Some(p) = p {
+        r.heading(&format!("Prompts ({} prompts, {} tokens)", p.prompts, p.tokens));
+        let row = |name: &str, s: &crate::verify::diff::PosStats| {
+            vec![name.to_string(), format!("{:.6}", s.kl_mean), format!("{:.6}", s.kl_max), format!("{:.2}%", 100.0 * s.top1_agreement)]
+        };
+        r.table(&["positions", "KL(A‖B) mean", "KL max", "top-1 agreement"], &[row("every position", &p.all), row("first generated token", &p.first)]);
+        let kls: Vec<f64> = p.per_prompt.iter().map(|d| d.kl_first).collect();
+        r.svg(&histogram_svg(&kls, 30, "First-token KL(A‖B) per prompt", "KL (nats)")?);
+        if !p.moved.is_empty() {
+            r.heading("Prompts that moved most");
+            let rows: Vec<Vec<String>> = p
+                .moved
+                .iter()
+                .map(|m| vec![m.index.to_string(), format!("{:.4}", m.kl_first), one_line(&m.prompt, 200), m.continuation_a.clone(), m.continuation_b.clone()])
+                .collect();
+            r.table(&["#", "KL first", "prompt", "A continues", "B continues"], &rows);
+        }
+        r.para(&format!(
+            "{:.1} s; {:.0} tokens/s through both models; model A's forward alone {:.0} tokens/s.",
+            p.timing.total_s, p.timing.tokens_per_s, p.timing.forward_a_tokens_per_s
+        ));
+    }
+    if let Some(t) = t {
+        r.heading(&format!("Text ({} tokens, {} windows of {})", t.tokens, t.windows, t.seq_len));
+        r.table(
+            &["perplexity A", "perplexity B", "B / A", "KL mean", "KL max", "top-1 agreement"],
+            &[vec![
+                format!("{:.4}", t.perplexity_a),
+                format!("{:.4}", t.perplexity_b),
+                format!("{:.4}", t.perplexity_ratio),
+                format!("{:.6}", t.all.kl_mean),
+                format!("{:.6}", t.all.kl_max),
+                format!("{:.2}%", 100.0 * t.all.top1_agreement),
+            ]],
+        );
+    }
+    r.write(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_is_escaped_and_plots_are_svg() {
+        let mut r = Report::new("t<1>");
+        r.table(&["a"], &[vec!["<script>"]]);
+        r.svg(&histogram_svg(&[0.0, 0.1, 0.1, 0.5], 5, "h", "x").unwrap());
+        r.svg(&lines_svg(&[("s".into(), vec![(0.0, 1.0), (1.0, 2.0)])], "l", "x", "y").unwrap());
+        let html = r.html();
+        assert!(html.contains("&lt;script&gt;") && !html.contains("<script>"));
+        assert_eq!(html.matches("<svg").count(), 2);
+        // A constant value still gets a drawable range.
+        assert!(histogram_svg(&[0.0, 0.0], 3, "h", "x").unwrap().contains("<rect"));
+    }
+}
