@@ -1,7 +1,53 @@
-//! Weight-rewriting passes, one file each, registered in [`REGISTRY`]. Every pass has a runtime
-//! twin (an intervention in `runtime::hooks`) that property tests hold it equal to.
+//! Weight-rewriting passes, one file each, registered in [`REGISTRY`] with one line. Every pass
+//! has a runtime twin (an intervention in `runtime::hooks`) that the property tests in
+//! `tests/passes_twins.rs` hold it equal to, for every pass found here.
 //!
-//! No pass is implemented yet: the compile issue adds them here.
+//! A pass file holds: a doc comment (the text `mechc passes NAME` prints), an options struct
+//! read from the pipeline's `[[pass]]` table (`deny_unknown_fields`), and `build`, which checks
+//! the options against the model and returns the [`Pass`].
 
-/// Name and one-line summary of every registered pass.
-pub const REGISTRY: &[(&str, &str)] = &[];
+pub mod skip_layers;
+
+use crate::error::Result;
+use crate::model::Model;
+use crate::runtime::Hooks;
+
+/// A built pass: options checked, ready to rewrite a model.
+pub trait Pass {
+    /// Rewrite weights and config in place; return a one-line summary of what changed.
+    fn run(&self, model: &mut Model) -> Result<String>;
+    /// The runtime intervention on the source model that this pass compiles into weights:
+    /// forward(run(source)) == forward(source, twin) (exactly, up to float rounding).
+    fn twin(&self, source: &Model) -> Result<Hooks>;
+}
+
+/// A registry entry.
+pub struct PassInfo {
+    pub name: &'static str,
+    /// The pass's documentation: first line a summary, then the options.
+    pub doc: &'static str,
+    /// Parse options (a `[[pass]]` table minus `name`) and check them against the source model.
+    pub build: fn(&toml::Table, &Model) -> Result<Box<dyn Pass>>,
+    /// Random valid options for a model, from a seed (None if the model cannot take the pass,
+    /// e.g. deleting a layer of a one-layer model): the generic property tests use them.
+    pub example: fn(&Model, u64) -> Option<toml::Table>,
+}
+
+pub const REGISTRY: &[PassInfo] = &[skip_layers::INFO];
+
+pub fn find(name: &str) -> Option<&'static PassInfo> {
+    REGISTRY.iter().find(|p| p.name == name)
+}
+
+/// The registered names, for error messages.
+pub fn names() -> String {
+    if REGISTRY.is_empty() {
+        return "none registered yet".into();
+    }
+    REGISTRY.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
+}
+
+/// Options of a pass from its `[[pass]]` table, with errors that say which option is wrong.
+pub fn options<T: serde::de::DeserializeOwned>(t: &toml::Table) -> Result<T> {
+    T::deserialize(toml::Value::Table(t.clone())).map_err(|e| crate::Error::invalid(e.message().to_string()))
+}

@@ -6,6 +6,7 @@
 //! Passes live in `passes/` (see docs/architecture.md).
 
 pub mod cli;
+pub mod compile;
 pub mod data;
 pub mod error;
 pub mod io;

@@ -1,11 +1,13 @@
 //! The command line: one file per subcommand. Doc comments are the `--help` text.
 
 pub mod bench;
+pub mod compile;
 pub mod diff;
 pub mod eval;
 pub mod generate;
 pub mod import;
 pub mod inspect;
+pub mod passes;
 pub mod random_model;
 pub mod tokenize;
 pub mod trace;
@@ -51,6 +53,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     Trace(trace::TraceArgs),
     Diff(diff::DiffArgs),
+    Compile(compile::CompileArgs),
+    Passes(passes::PassesArgs),
     Eval(eval::EvalArgs),
     Tokenize(tokenize::TokenizeArgs),
     Bench(bench::BenchArgs),
@@ -76,6 +80,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a, &g),
         Command::Trace(a) => trace::run(a, &g),
         Command::Diff(a) => diff::run(a, &g),
+        Command::Compile(a) => compile::run(a, &g),
+        Command::Passes(a) => passes::run(a, &g),
         Command::Eval(a) => eval::run(a, &g),
         Command::Tokenize(a) => tokenize::run(a, &g),
         Command::Bench(a) => bench::run(a, &g),

@@ -78,7 +78,33 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<Stri
     let meta = if meta.is_empty() { None } else { Some(meta) };
     safetensors::serialize_to_file(sorted.iter().map(|(n, t)| (n.as_str(), t)), meta, path)
         .map_err(|e| Error::bad_file(path, format!("writing safetensors: {e}")))?;
+    sort_metadata_in_place(path)?;
     crate::io::atomic::make_readable(path)?;
+    Ok(())
+}
+
+/// The safetensors crate writes `__metadata__` from a HashMap, in random order; rewrite the
+/// header with the keys sorted (same length: same keys and values, only the order changes) so
+/// the same tensors and metadata always give the same bytes.
+fn sort_metadata_in_place(path: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
+    let n = u64::from_le_bytes(len) as usize;
+    let mut header = vec![0u8; n];
+    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| Error::bad_file(path, format!("header we just wrote: {e}")))?;
+    let Some(serde_json::Value::Object(meta)) = v.get_mut("__metadata__") else { return Ok(()) };
+    meta.sort_keys();
+    let mut out = serde_json::to_vec(&v).map_err(|e| Error::bad_file(path, e.to_string()))?;
+    if out.len() > n {
+        return Err(Error::bad_file(path, "sorted header is longer than the original"));
+    }
+    out.resize(n, b' ');
+    f.seek(SeekFrom::Start(8)).map_err(|e| Error::io(path, e))?;
+    f.write_all(&out).map_err(|e| Error::io(path, e))?;
     Ok(())
 }
 

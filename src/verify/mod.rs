@@ -4,3 +4,4 @@
 pub mod perplexity;
 pub mod score;
 pub mod diff;
+pub mod budget;

@@ -1,0 +1,211 @@
+//! The compiler: a pipeline file → passes over the weights (the structural verifier after each)
+//! → behaviour verification against the source under the `[verify]` budgets → the emitter.
+//!
+//! The stages are separate functions so the CLI can print between them and a failed budget
+//! stops before anything is written.
+
+pub mod emit;
+pub mod pipeline;
+pub mod verifier;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::data::{SetSpec, TextSet};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::passes::{self, Pass};
+use crate::verify::budget::{self, BudgetCheck};
+use crate::verify::diff::{diff_prompts, diff_text, DiffOpts, PromptsDiff, TextDiff};
+use pipeline::PipelineFile;
+
+/// A pipeline checked against the registry and the source model, ready to run.
+pub struct Plan {
+    pub file: PipelineFile,
+    pub source_path: PathBuf,
+    pub out: PathBuf,
+    pub emit: emit::EmitOpts,
+    pub passes: Vec<(String, Box<dyn Pass>)>,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PassRecord {
+    pub name: String,
+    pub options: toml::Table,
+    pub summary: String,
+    pub parameters_before: usize,
+    pub parameters_after: usize,
+    #[serde(skip)]
+    pub seconds: f64,
+}
+
+/// The behaviour check of the compiled model against its source.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    pub metrics: BTreeMap<String, f64>,
+    pub checks: Vec<BudgetCheck>,
+    #[serde(skip)]
+    pub prompts: Option<PromptsDiff>,
+    #[serde(skip)]
+    pub text: Option<TextDiff>,
+}
+
+impl Verdict {
+    pub fn ok(&self) -> bool {
+        self.checks.iter().all(|c| c.ok)
+    }
+}
+
+impl Plan {
+    /// Resolve paths and options; build every pass (unknown names and bad options fail here,
+    /// before anything heavy runs).
+    pub fn new(file: PipelineFile, out: Option<PathBuf>, force: bool, source: &Model, source_dtype: candle_core::DType) -> Result<Plan> {
+        let p = &file.pipeline;
+        let out = match (out, &p.output.path) {
+            (Some(o), _) => o,
+            (None, Some(o)) => file.resolve(o),
+            (None, None) => return Err(Error::config(&file.path, "output.path", "missing (or pass --out DIR)")),
+        };
+        let dtype = match &p.output.dtype {
+            Some(d) => crate::io::st::parse_dtype(d).map_err(|e| Error::config(&file.path, "output.dtype", e.to_string()))?,
+            None => source_dtype,
+        };
+        let shard_size = p
+            .output
+            .shard_size
+            .as_deref()
+            .map(pipeline::parse_size)
+            .transpose()
+            .map_err(|e| Error::config(&file.path, "output.shard_size", e.to_string()))?;
+        if let Some(v) = &p.verify {
+            v.validate(&file.path)?;
+        }
+        let mut built = vec![];
+        for (i, spec) in p.passes.iter().enumerate() {
+            let info = passes::find(&spec.name).ok_or_else(|| {
+                Error::config(&file.path, format!("pass[{i}].name"), format!("unknown pass `{}` (passes: {})", spec.name, passes::names()))
+            })?;
+            let pass = (info.build)(&spec.options, source).map_err(|e| match e {
+                Error::Invalid(m) => Error::config(&file.path, format!("pass[{i}] ({})", spec.name), m),
+                other => other,
+            })?;
+            built.push((spec.name.clone(), pass));
+        }
+        let source_path = file.resolve(&p.model.path);
+        Ok(Plan { file, source_path, out, emit: emit::EmitOpts { dtype, shard_size, force }, passes: built })
+    }
+
+    /// Run the passes in order on a copy of the source, the structural verifier after each.
+    pub fn run_passes(&self, source: &Model, mut on_pass: impl FnMut(&PassRecord, &Model)) -> Result<(Model, Vec<PassRecord>)> {
+        let mut model = source.clone();
+        verifier::check(&model).map_err(|e| Error::invalid(format!("the source model fails the verifier: {e}")))?;
+        let mut records = vec![];
+        for (i, (name, pass)) in self.passes.iter().enumerate() {
+            let before = model.param_count();
+            let t = Instant::now();
+            let summary = pass.run(&mut model)?;
+            verifier::check(&model).map_err(|e| Error::invalid(format!("pass {i} ({name}) left an invalid model: {e}")))?;
+            let rec = PassRecord {
+                name: name.clone(),
+                options: self.file.pipeline.passes[i].options.clone(),
+                summary,
+                parameters_before: before,
+                parameters_after: model.param_count(),
+                seconds: t.elapsed().as_secs_f64(),
+            };
+            on_pass(&rec, &model);
+            records.push(rec);
+        }
+        Ok((model, records))
+    }
+
+    /// Diff the compiled model against the source on `[verify]`'s data and check the budgets.
+    pub fn verify(&self, source: &Model, compiled: &Model, tok: &crate::tokenizer::Tok, progress: bool) -> Result<Option<Verdict>> {
+        let Some(v) = &self.file.pipeline.verify else { return Ok(None) };
+        let prompts = match &v.prompts {
+            Some(spec) => {
+                let mut s = SetSpec::parse(spec);
+                s.path = self.file.resolve(&s.path);
+                let set = TextSet::load(&s, v.limit)?;
+                let ids = set.texts.iter().map(|t| crate::cli::prompt_ids(tok, t, v.chat)).collect::<Result<Vec<_>>>()?;
+                let opts = DiffOpts { batch: v.batch_size, top_moved: 0, gen_tokens: 0, stop: vec![] };
+                let bar = crate::progress::bar(ids.len() as u64, "verify", progress);
+                let d = diff_prompts(source, compiled, &ids, &set.texts, &opts, |_| Ok(String::new()), |i, _| bar.set_position(i as u64))?;
+                bar.finish_and_clear();
+                Some(d)
+            }
+            None => None,
+        };
+        let text = match &v.text {
+            Some(t) => {
+                let path = self.file.resolve(std::path::Path::new(t));
+                let s = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?.replace("\r\n", "\n");
+                let mut ids = tok.encode(&s, false)?;
+                ids.truncate(v.tokens);
+                Some(diff_text(source, compiled, &ids, v.seq_len, |_, _| {})?)
+            }
+            None => None,
+        };
+        let metrics = budget::metrics(prompts.as_ref(), text.as_ref());
+        let checks = v.check(&metrics);
+        Ok(Some(Verdict { metrics, checks, prompts, text }))
+    }
+
+    /// One line per violated budget, pointing at its line in the pipeline file.
+    pub fn violations(&self, verdict: &Verdict) -> Vec<String> {
+        verdict
+            .checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| format!("{}  (measured {} = {:.6})", self.file.locate_key("verify", &c.budget), c.metric, c.measured))
+            .collect()
+    }
+
+    /// Write the compiled model with its manifest.
+    pub fn emit(&self, compiled: &Model, source_dir: &std::path::Path, records: &[PassRecord], verdict: Option<&Verdict>) -> Result<PathBuf> {
+        let source_hash = source_hash(&self.source_path, source_dir)?;
+        let pipeline_hash = self.file.sha256();
+        let meta: BTreeMap<String, String> = [
+            ("mechc_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+            ("mechc_pipeline_sha256".to_string(), pipeline_hash.clone()),
+            ("mechc_source_sha256".to_string(), source_hash.clone()),
+        ]
+        .into_iter()
+        .collect();
+        let manifest = json!({
+            "mechc_version": env!("CARGO_PKG_VERSION"),
+            "pipeline": {"path": self.file.path.file_name().map(|n| n.to_string_lossy().into_owned()), "sha256": pipeline_hash,
+                         "text": self.file.text},
+            "source": {"path": self.file.pipeline.model.path, "sha256": source_hash},
+            "passes": records,
+            "parameters": compiled.param_count(),
+            "verify": verdict,
+        });
+        emit::emit(compiled, source_dir, &self.out, &[&self.source_path, source_dir], &self.emit, &meta, manifest)
+    }
+}
+
+/// Hash of the source: the .gguf file, or the directory's config and weight files in name order.
+fn source_hash(path: &std::path::Path, dir: &std::path::Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    if crate::io::is_gguf(path) {
+        return crate::io::sha256_file(path);
+    }
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors") || p.file_name().is_some_and(|n| n == "config.json"))
+        .collect();
+    names.sort();
+    let mut h = Sha256::new();
+    for p in names {
+        h.update(p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().as_bytes());
+        h.update(crate::io::sha256_file(&p)?.as_bytes());
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}

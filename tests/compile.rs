@@ -1,0 +1,136 @@
+//! `mechc compile` end to end on stories260K: identity compile, determinism, budgets that fail
+//! the compile and write nothing, pipeline errors, and a real pass checked against its twin.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use mechc::model::decoder::Fwd;
+use mechc::runtime::{Batch, Hooks};
+
+fn mechc() -> Command {
+    let mut c = Command::cargo_bin("mechc").unwrap();
+    c.env("MECHC_CACHE", std::env::temp_dir().join("mechc-test-cache")).arg("-q");
+    c
+}
+
+/// A pipeline over stories260K with `extra` TOML appended (passes, verify); output `out`.
+fn pipeline(dir: &Path, name: &str, extra: &str) -> PathBuf {
+    let prompts = dir.join("prompts.json");
+    std::fs::write(&prompts, r#"["Once upon a time", "The cat sat on the", "Lily wanted to", "One day, a boy"]"#).unwrap();
+    let text = common::shared_data().join("text/tinystories-subset.txt");
+    let body = format!(
+        "version = 1\n[model]\npath = \"{}\"\n{extra}\n[output]\npath = \"out-{name}\"\n",
+        common::stories_gguf().display()
+    )
+    .replace("PROMPTS", &prompts.display().to_string())
+    .replace("TEXT", &text.display().to_string());
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+fn fails_with(cmd: &mut Command, needles: &[&str]) -> String {
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "expected failure; stderr {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one-line error expected: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{err:?} should mention {n:?}");
+    }
+    err
+}
+
+#[test]
+fn no_passes_reproduces_the_tensors_and_output_is_deterministic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = pipeline(tmp.path(), "id", "[verify]\nprompts = \"PROMPTS\"\nmax_kl = 0.0\nmin_top1 = 1.0");
+    mechc().arg("compile").arg(&p).assert().success();
+    let out = tmp.path().join("out-id");
+    // The tensors equal the source's import bit for bit.
+    let src = mechc::io::resolve(&common::stories_gguf(), false).unwrap();
+    let a = mechc::io::st::StFile::open(&src.join("model.safetensors")).unwrap();
+    let b = mechc::io::st::StFile::open(&out.join("model.safetensors")).unwrap();
+    let (va, vb) = (a.view().unwrap(), b.view().unwrap());
+    let mut names = va.names();
+    names.sort();
+    let mut names_b = vb.names();
+    names_b.sort();
+    assert_eq!(names, names_b);
+    for n in names {
+        assert_eq!(va.tensor(n).unwrap().data(), vb.tensor(n).unwrap().data(), "{n}");
+    }
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("mechc-manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["verify"]["checks"].as_array().unwrap().len(), 2);
+    assert_eq!(manifest["files"]["model.safetensors"].as_str().unwrap(), mechc::io::sha256_file(&out.join("model.safetensors")).unwrap());
+    // Same input + same pipeline → byte-identical output (compiled again elsewhere).
+    let again = tmp.path().join("again");
+    mechc().arg("compile").arg(&p).arg("--out").arg(&again).assert().success();
+    assert_eq!(files(&out), files(&again));
+    // An existing output is refused without --force, replaced with it.
+    fails_with(mechc().arg("compile").arg(&p), &["already exists", "--force"]);
+    mechc().arg("compile").arg(&p).arg("--force").assert().success();
+}
+
+#[test]
+fn impossible_budget_fails_names_the_line_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = pipeline(
+        tmp.path(),
+        "budget",
+        "[[pass]]\nname = \"skip-layers\"\nlayers = [2]\n[verify]\nprompts = \"PROMPTS\"\ntext = \"TEXT\"\ntokens = 512\nseq_len = 128\nmax_ppl_ratio = 1.0",
+    );
+    let err = fails_with(mechc().arg("compile").arg(&p), &["budget violated", "budget.toml:", "max_ppl_ratio = 1.0", "ppl_ratio"]);
+    // The line number is the line of the budget in the file.
+    let line = std::fs::read_to_string(&p).unwrap().lines().position(|l| l.starts_with("max_ppl_ratio")).unwrap() + 1;
+    assert!(err.contains(&format!("budget.toml:{line}:")), "{err}");
+    let left: Vec<String> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(!left.iter().any(|n| n.contains("out-budget")), "left behind: {left:?}");
+}
+
+#[test]
+fn pipeline_errors_are_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = pipeline(tmp.path(), "u", "[[pass]]\nname = \"prune-everything\"");
+    fails_with(mechc().arg("compile").arg(&p), &["unknown pass `prune-everything`", "skip-layers"]);
+    let p = pipeline(tmp.path(), "t", "[[pass]]\nname = \"skip-layers\"\nlayers = \"two\"");
+    fails_with(mechc().arg("compile").arg(&p), &["pass[0] (skip-layers)", "invalid type"]);
+    let p = pipeline(tmp.path(), "r", "[[pass]]\nname = \"skip-layers\"\nlayers = [9]");
+    fails_with(mechc().arg("compile").arg(&p), &["layer 9 does not exist"]);
+    let p = pipeline(tmp.path(), "k", "[[pass]]\nname = \"skip-layers\"\nlayers = [1]\nlayer = [2]");
+    fails_with(mechc().arg("compile").arg(&p), &["unknown field `layer`"]);
+    let p = pipeline(tmp.path(), "v", "[verify]\nmax_kl = 0.1");
+    fails_with(mechc().arg("compile").arg(&p), &["verify.max_kl", "needs `prompts`"]);
+    let p = pipeline(tmp.path(), "s", "[verfy]\nmax_kl = 0.1");
+    fails_with(mechc().arg("compile").arg(&p), &["line 4", "verfy"]);
+}
+
+#[test]
+fn skip_layers_output_equals_the_twin_and_dry_run_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = pipeline(tmp.path(), "skip", "[[pass]]\nname = \"skip-layers\"\nlayers = [1, 3]");
+    mechc().arg("compile").arg(&p).arg("--dry-run").assert().success();
+    assert!(!tmp.path().join("out-skip").exists());
+    mechc().arg("compile").arg(&p).assert().success();
+    let compiled = mechc::io::load(&tmp.path().join("out-skip"), false).unwrap();
+    assert_eq!(compiled.model.cfg.num_layers, 3);
+    let source = mechc::io::load(&common::stories_gguf(), false).unwrap();
+    let ids = source.tok().unwrap().encode("Once upon a time, there was a dog", true).unwrap();
+    let got = compiled.model.forward(&Batch::single(&ids), None, &mut Hooks::new(), Fwd::default()).unwrap();
+    let mut twin = Hooks::new();
+    twin.skip_block(1).skip_block(3);
+    let want = source.model.forward(&Batch::single(&ids), None, &mut twin, Fwd::default()).unwrap();
+    assert_eq!(common::max_abs_diff(&got, &want), 0.0);
+}
