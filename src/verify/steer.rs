@@ -324,7 +324,7 @@ pub fn table(r: &SteerReport) -> String {
     for p in &r.points {
         s += &format!("{:>9.3} {:>12.4} {:>12.4}", p.coeff, p.projection, p.score);
         for t in &p.targets {
-            s += &format!(" {:>20}", format!("{:.4} ({:+.3})", t.prob, t.logprob));
+            s += &format!(" {:>20}", format!("{:.3e} ({:+.3})", t.prob, t.logprob));
         }
         s += &format!(" {:>10.4} {:>10.4}\n", p.kl_mean, p.kl_max);
     }
