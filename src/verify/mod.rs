@@ -1,7 +1,9 @@
-//! Behaviour measurements of a model: perplexity, batched scoring, and (with the verify issue)
-//! diffs between models, task metrics and budgets.
+//! Behaviour measurements: batched scoring, perplexity, diffs between models, task metrics
+//! (knowledge edits, refusal, steering, multiple choice) and the budgets a compile must meet.
 
+pub mod budget;
+pub mod diff;
+pub mod edit;
 pub mod perplexity;
 pub mod score;
-pub mod diff;
-pub mod budget;
+pub mod steer;

@@ -46,6 +46,17 @@ pub fn next_token_logprobs(
 
 /// Log-probability of each token of `conts[i]` following `prompts[i]` (teacher forcing).
 pub fn continuation_logprobs(model: &Model, prompts: &[Vec<u32>], conts: &[Vec<u32>], batch: usize) -> Result<Vec<Vec<f32>>> {
+    continuation_logprobs_with(model, prompts, conts, batch, Fwd::default())
+}
+
+/// [`continuation_logprobs`] with forward options (e.g. `precise` for transformers-level accuracy).
+pub fn continuation_logprobs_with(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    conts: &[Vec<u32>],
+    batch: usize,
+    fwd: Fwd,
+) -> Result<Vec<Vec<f32>>> {
     if prompts.len() != conts.len() {
         return Err(Error::invalid("continuation_logprobs: as many continuations as prompts are needed"));
     }
@@ -57,7 +68,7 @@ pub fn continuation_logprobs(model: &Model, prompts: &[Vec<u32>], conts: &[Vec<u
     let mut out = vec![vec![]; prompts.len()];
     for chunk in length_batches(&lens, batch) {
         let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| full[i].clone()).collect();
-        let logits = model.forward(&Batch::right_padded(&seqs, 0), None, &mut Hooks::new(), Fwd::default())?;
+        let logits = model.forward(&Batch::right_padded(&seqs, 0), None, &mut Hooks::new(), fwd)?;
         for (r, &i) in chunk.iter().enumerate() {
             let (p, c) = (prompts[i].len(), conts[i].len());
             // Token p + j is predicted at position p + j − 1.

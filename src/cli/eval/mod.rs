@@ -1,6 +1,8 @@
 //! `mechc eval TASK`: task metrics of one model, one file per task.
 
+pub mod edit;
 pub mod perplexity;
+pub mod steer;
 
 use clap::{Args, Subcommand};
 
@@ -16,10 +18,14 @@ pub struct EvalArgs {
 #[derive(Subcommand, Debug)]
 pub enum Task {
     Perplexity(perplexity::PerplexityArgs),
+    Edit(edit::EditArgs),
+    Steer(steer::SteerArgs),
 }
 
 pub fn run(a: EvalArgs, g: &Global) -> anyhow::Result<()> {
     match a.task {
         Task::Perplexity(p) => perplexity::run(p, g),
+        Task::Edit(p) => edit::run(p, g),
+        Task::Steer(p) => steer::run(p, g),
     }
 }
