@@ -1,6 +1,8 @@
 //! `mechc eval TASK`: task metrics of one model, one file per task.
 
+pub mod choice;
 pub mod perplexity;
+pub mod refusal;
 
 use clap::{Args, Subcommand};
 
@@ -16,10 +18,14 @@ pub struct EvalArgs {
 #[derive(Subcommand, Debug)]
 pub enum Task {
     Perplexity(perplexity::PerplexityArgs),
+    Refusal(refusal::RefusalArgs),
+    Choice(choice::ChoiceArgs),
 }
 
 pub fn run(a: EvalArgs, g: &Global) -> anyhow::Result<()> {
     match a.task {
         Task::Perplexity(p) => perplexity::run(p, g),
+        Task::Refusal(a) => refusal::run(a, g),
+        Task::Choice(a) => choice::run(a, g),
     }
 }
