@@ -103,8 +103,8 @@ pub struct ChoiceReport {
 
 /// The id of `letter` as a token of its own; an error if the tokenizer does not encode it as
 /// exactly one token.
-pub fn letter_token(tok: &Tok, letter: char) -> Result<u32> {
-    let ids = tok.encode(&letter.to_string(), false)?;
+pub fn letter_token(tok: &Tok, letter: &str) -> Result<u32> {
+    let ids = tok.encode(letter, false)?;
     match ids.as_slice() {
         [id] => Ok(*id),
         _ => Err(Error::Tokenizer(format!(
@@ -136,7 +136,7 @@ pub fn choice_eval(model: &Model, tok: &Tok, items: &[ChoiceItem], chat: bool, b
     if items.is_empty() {
         return Err(Error::invalid("choice eval: no items"));
     }
-    let letters = [letter_token(tok, 'A')?, letter_token(tok, 'B')?];
+    let letters = [letter_token(tok, "A")?, letter_token(tok, "B")?];
     let prompts = items.iter().map(|it| prefix_ids(tok, &it.question, chat)).collect::<Result<Vec<_>>>()?;
     let mut lps = vec![[0f32; 2]; items.len()];
     score::next_token_logprobs(model, &prompts, batch, &mut Hooks::new(), |i, lp| {
