@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use assert_cmd::Command;
-use mechc::verify::choice::{self, ChoiceItem};
+use mechc::verify::choice::{self, ChoiceItem, ChoiceOpts};
 use mechc::verify::score;
 use serde_json::Value;
 
@@ -51,7 +51,7 @@ fn smollm2_scores_are_probabilities_and_swap_to_one_minus() {
     assert!(items.iter().any(|i| i.matching == 'A') && items.iter().any(|i| i.matching == 'B'));
 
     let t = Instant::now();
-    let r = choice::choice_eval(&m.model, tok, &items, true, 8).unwrap();
+    let r = choice::choice_eval(&m.model, tok, &items, &ChoiceOpts::default()).unwrap();
     let secs = t.elapsed().as_secs_f64();
     assert_eq!(r.rows.len(), 50);
     for row in &r.rows {
@@ -70,12 +70,15 @@ fn smollm2_scores_are_probabilities_and_swap_to_one_minus() {
 
     // Swapping which answer shows the behaviour gives 1 − score on every item.
     let swapped: Vec<ChoiceItem> = items.iter().map(ChoiceItem::swapped).collect();
-    let s = choice::choice_eval(&m.model, tok, &swapped, true, 8).unwrap();
+    let s = choice::choice_eval(&m.model, tok, &swapped, &ChoiceOpts::default()).unwrap();
     for (i, (a, b)) in r.rows.iter().zip(&s.rows).enumerate() {
         assert!((a.score + b.score - 1.0).abs() < 1e-6, "item {i}: {} + {} != 1", a.score, b.score);
     }
     assert!((r.mean_score + s.mean_score - 1.0).abs() < 1e-6);
-    assert!((r.share_matching + s.share_matching - 1.0).abs() < 1e-12 || r.rows.iter().any(|x| x.logprob_matching == x.logprob_not_matching));
+    assert!(
+        (r.share_matching + s.share_matching - 1.0).abs() < 1e-12
+            || r.rows.iter().any(|x| x.logprob_matching == x.logprob_not_matching)
+    );
 
     // The letters' log-probs are the teacher-forced ones of the letter after the prefix ending in "(",
     // computed here by an independent path (continuation_logprobs, batch 1, no length sorting).
@@ -90,6 +93,51 @@ fn smollm2_scores_are_probabilities_and_swap_to_one_minus() {
         let lp = score::continuation_logprobs(&m.model, &[prefix], &[letter], 1).unwrap()[0][0];
         assert!((lp - r.rows[i].logprob_matching).abs() < 1e-4, "item {i}: {lp} vs {}", r.rows[i].logprob_matching);
     }
+}
+
+/// `joint` scores the answers as the tokenizer writes them. SmolLM2 writes "(" and "A" apart, so
+/// joint is the default mode exactly; Qwen2 writes "(A" as one token, so joint compares "(A" with
+/// "(B" after the bare assistant prompt. Measured on all 50 items: Qwen2.5-Coder-0.5B-Instruct,
+/// default mode score 0.351 with mean p(A)+p(B) 0.020 (the letters are unlikely after a lone "(");
+/// joint 0.424 with mass 0.784.
+#[test]
+fn joint_mode_equals_default_where_the_tokenizer_splits_and_uses_merged_tokens_where_not() {
+    let items = choice::load_items(&items_file(), 6).unwrap();
+    if let Some(m) = load(SMOL) {
+        let tok = m.tok().unwrap();
+        let a = choice::choice_eval(&m.model, tok, &items, &ChoiceOpts::default()).unwrap();
+        let b = choice::choice_eval(&m.model, tok, &items, &ChoiceOpts { joint: true, ..Default::default() }).unwrap();
+        assert_eq!(a.letter_tokens, b.letter_tokens);
+        for (x, y) in a.rows.iter().zip(&b.rows) {
+            assert!((x.logprob_matching - y.logprob_matching).abs() < 1e-4 && (x.score - y.score).abs() < 1e-4);
+        }
+    }
+    let Some(m) = load(QWEN) else { return };
+    let tok = m.tok().unwrap();
+    let t = Instant::now();
+    let a = choice::choice_eval(&m.model, tok, &items, &ChoiceOpts::default()).unwrap();
+    let b = choice::choice_eval(&m.model, tok, &items, &ChoiceOpts { joint: true, ..Default::default() }).unwrap();
+    let single = |s: &str| tok.encode(s, false).unwrap();
+    assert_eq!(a.letter_tokens, [single("A"), single("B")]);
+    assert_eq!(b.letter_tokens, [single("(A"), single("(B")]);
+    assert_eq!(b.letter_tokens[0].len(), 1, "Qwen2 writes (A as one token");
+    // The joint log-prob of "(A" is the next-token log-prob after the prompt without "(".
+    let prompt = tok.encode(&tok.apply_chat(&items[0].question).unwrap(), false).unwrap();
+    let want = score::continuation_logprobs(&m.model, &[prompt], &[single("(B")], 1).unwrap()[0][0];
+    assert_eq!(items[0].matching, 'B');
+    assert!((want - b.rows[0].logprob_matching).abs() < 1e-4, "{want} vs {}", b.rows[0].logprob_matching);
+    for r in b.rows.iter().chain(&a.rows) {
+        assert!((0.0..=1.0).contains(&r.score) && r.letter_mass <= 1.0 + 1e-6);
+    }
+    eprintln!(
+        "Qwen2.5-Coder-0.5B-Instruct, {} CAA items: default score {:.3} (p(A)+p(B) {:.3}), joint score {:.3} (p((A)+p((B) {:.3}) ({:.0} s)",
+        items.len(),
+        a.mean_score,
+        a.mean_letter_mass,
+        b.mean_score,
+        b.mean_letter_mass,
+        t.elapsed().as_secs_f64()
+    );
 }
 
 /// "A" and "B" are single tokens for both tokenizers, and the letters the report names decode back.

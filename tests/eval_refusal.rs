@@ -169,17 +169,38 @@ fn bad_input_is_one_line_errors() {
     let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
         // A field the records do not have: the file, the field, and the fields there are.
         (
-            vec!["--prompts".into(), format!("{}:prompt", refusal_data("harmful_val.json").display()), "--model".into(), stories.display().to_string()],
+            vec![
+                "--prompts".into(),
+                format!("{}:prompt", refusal_data("harmful_val.json").display()),
+                "--model".into(),
+                stories.display().to_string(),
+            ],
             vec!["harmful_val.json", "`prompt`", "instruction"],
         ),
-        (vec!["--prompts".into(), empty.display().to_string(), "--model".into(), stories.display().to_string()], vec!["empty.json", "empty"]),
-        (vec!["--prompts".into(), harmful.clone(), "--model".into(), nomodel.display().to_string()], vec!["no-such-model.gguf"]),
-        (vec!["--prompts".into(), "/nonexistent/prompts.txt".into(), "--model".into(), stories.display().to_string()], vec!["prompts.txt"]),
         (
-            vec!["--prompts".into(), harmful.clone(), "--model".into(), stories.display().to_string(), "--phrases".into(), phrases.display().to_string()],
+            vec!["--prompts".into(), empty.display().to_string(), "--model".into(), stories.display().to_string()],
+            vec!["empty.json", "empty"],
+        ),
+        (vec!["--prompts".into(), harmful.clone(), "--model".into(), nomodel.display().to_string()], vec!["no-such-model.gguf"]),
+        (
+            vec!["--prompts".into(), "/nonexistent/prompts.txt".into(), "--model".into(), stories.display().to_string()],
+            vec!["prompts.txt"],
+        ),
+        (
+            vec![
+                "--prompts".into(),
+                harmful.clone(),
+                "--model".into(),
+                stories.display().to_string(),
+                "--phrases".into(),
+                phrases.display().to_string(),
+            ],
             vec!["phrases.txt", "no phrases"],
         ),
-        (vec!["--prompts".into(), harmful, "--model".into(), stories.display().to_string(), "--batch-size".into(), "0".into()], vec!["--batch-size"]),
+        (
+            vec!["--prompts".into(), harmful, "--model".into(), stories.display().to_string(), "--batch-size".into(), "0".into()],
+            vec!["--batch-size"],
+        ),
     ];
     for (args, needles) in cases {
         let out = mechc().args(["eval", "refusal"]).args(&args).output().unwrap();
@@ -193,7 +214,13 @@ fn bad_input_is_one_line_errors() {
     }
     // A model without a chat template, with the default chat mode: says so.
     std::fs::write(tmp.path().join("x.txt"), "Hello\n").unwrap();
-    let out = mechc().args(["eval", "refusal", "--max-tokens", "1", "--model"]).arg(&stories).arg("--prompts").arg(tmp.path().join("x.txt")).output().unwrap();
+    let out = mechc()
+        .args(["eval", "refusal", "--max-tokens", "1", "--model"])
+        .arg(&stories)
+        .arg("--prompts")
+        .arg(tmp.path().join("x.txt"))
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("chat template") && err.trim_end().lines().count() == 1, "{err}");
     // ... and works with --no-chat.

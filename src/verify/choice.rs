@@ -5,7 +5,13 @@
 //! The question is the user turn; the assistant turn starts with "(" so that the next token is
 //! the answer letter (CAA's convention), and the model's log-probabilities of the tokens "A" and
 //! "B" there are compared. The letter is scored as a token of its own after the "(" token, even
-//! when the tokenizer would merge "(A" into one token in running text.
+//! when the tokenizer would merge "(A" into one token in running text (Qwen2's tokenizer does:
+//! after a lone "(" such a model puts little mass on "A" and "B"; `letter_mass` shows it).
+//!
+//! The `joint` mode scores the answers as the tokenizer writes them instead: the texts
+//! "...(A" and "...(B" are tokenised whole, and the tokens after their longest common prefix
+//! are scored (teacher-forced, summed). Where the tokenizer splits "(" from the letter this is
+//! exactly the default; where it merges them, the merged tokens "(A" and "(B" are compared.
 
 use std::path::Path;
 
@@ -83,7 +89,8 @@ pub struct ChoiceRow {
     pub logprob_not_matching: f32,
     /// p(matching) / (p(matching) + p(not matching)).
     pub score: f64,
-    /// p(A) + p(B): how much of the next-token distribution the two letters take.
+    /// p(A) + p(B): how much of the next-token distribution the two letters take (in `joint`
+    /// mode, the probabilities of the two answers' scored tokens).
     pub letter_mass: f64,
 }
 
@@ -96,8 +103,10 @@ pub struct ChoiceReport {
     pub share_matching: f64,
     pub mean_letter_mass: f64,
     pub chat: bool,
-    /// The token ids scored for "A" and "B".
-    pub letter_tokens: [u32; 2],
+    pub joint: bool,
+    /// The token ids scored for "A" and "B" (of the first item; in `joint` mode they can
+    /// depend on the item).
+    pub letter_tokens: [Vec<u32>; 2],
     pub rows: Vec<ChoiceRow>,
 }
 
@@ -132,17 +141,73 @@ pub fn pair_score(lp_matching: f32, lp_not: f32) -> f64 {
     1.0 / (1.0 + (lp_not as f64 - lp_matching as f64).exp())
 }
 
-pub fn choice_eval(model: &Model, tok: &Tok, items: &[ChoiceItem], chat: bool, batch: usize) -> Result<ChoiceReport> {
+#[derive(Debug, Clone)]
+pub struct ChoiceOpts {
+    /// Question as a chat user turn (else plain text, see [`prefix_ids`]).
+    pub chat: bool,
+    /// Score "(A" / "(B" as the tokenizer writes them (see the module doc).
+    pub joint: bool,
+    pub batch: usize,
+}
+
+impl Default for ChoiceOpts {
+    fn default() -> Self {
+        ChoiceOpts { chat: true, joint: false, batch: 8 }
+    }
+}
+
+/// Prompt tokens and the tokens of each answer ("A", "B") to score after them, per item.
+type Scored = (Vec<u32>, [Vec<u32>; 2]);
+
+fn after_paren(tok: &Tok, items: &[ChoiceItem], chat: bool) -> Result<Vec<Scored>> {
+    let letters = [letter_token(tok, "A")?, letter_token(tok, "B")?];
+    items.iter().map(|it| Ok((prefix_ids(tok, &it.question, chat)?, [vec![letters[0]], vec![letters[1]]]))).collect()
+}
+
+fn joint(tok: &Tok, items: &[ChoiceItem], chat: bool) -> Result<Vec<Scored>> {
+    let mut out = vec![];
+    for (i, it) in items.iter().enumerate() {
+        let enc = |l: &str| -> Result<Vec<u32>> {
+            if chat {
+                tok.encode(&(tok.apply_chat_messages(&[("user", &it.question)], true)? + "(" + l), false)
+            } else {
+                tok.encode(&format!("{}\n\nAnswer: ({l}", it.question), true)
+            }
+        };
+        let (a, b) = (enc("A")?, enc("B")?);
+        let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        if common == 0 || common == a.len() || common == b.len() {
+            return Err(Error::Tokenizer(format!(
+                "item {i}: the answers \"(A\" and \"(B\" do not tokenise to distinct continuations"
+            )));
+        }
+        out.push((a[..common].to_vec(), [a[common..].to_vec(), b[common..].to_vec()]));
+    }
+    Ok(out)
+}
+
+pub fn choice_eval(model: &Model, tok: &Tok, items: &[ChoiceItem], opts: &ChoiceOpts) -> Result<ChoiceReport> {
     if items.is_empty() {
         return Err(Error::invalid("choice eval: no items"));
     }
-    let letters = [letter_token(tok, "A")?, letter_token(tok, "B")?];
-    let prompts = items.iter().map(|it| prefix_ids(tok, &it.question, chat)).collect::<Result<Vec<_>>>()?;
+    let scored = if opts.joint { joint(tok, items, opts.chat)? } else { after_paren(tok, items, opts.chat)? };
     let mut lps = vec![[0f32; 2]; items.len()];
-    score::next_token_logprobs(model, &prompts, batch, &mut Hooks::new(), |i, lp| {
-        lps[i] = [lp[letters[0] as usize], lp[letters[1] as usize]];
-        Ok(())
-    })?;
+    if scored.iter().all(|(_, c)| c[0].len() == 1 && c[1].len() == 1) {
+        // One forward per item: both answers are single tokens after the same prompt.
+        let prompts: Vec<Vec<u32>> = scored.iter().map(|(p, _)| p.clone()).collect();
+        score::next_token_logprobs(model, &prompts, opts.batch, &mut Hooks::new(), |i, lp| {
+            let c = &scored[i].1;
+            lps[i] = [lp[c[0][0] as usize], lp[c[1][0] as usize]];
+            Ok(())
+        })?;
+    } else {
+        let prompts: Vec<Vec<u32>> = scored.iter().flat_map(|(p, _)| [p.clone(), p.clone()]).collect();
+        let conts: Vec<Vec<u32>> = scored.iter().flat_map(|(_, c)| c.clone()).collect();
+        let lp = score::continuation_logprobs(model, &prompts, &conts, opts.batch)?;
+        for i in 0..items.len() {
+            lps[i] = [lp[2 * i].iter().sum(), lp[2 * i + 1].iter().sum()];
+        }
+    }
     let idx = |c: char| if c == 'A' { 0 } else { 1 };
     let rows: Vec<ChoiceRow> = items
         .iter()
@@ -164,8 +229,9 @@ pub fn choice_eval(model: &Model, tok: &Tok, items: &[ChoiceItem], chat: bool, b
         mean_score: rows.iter().map(|r| r.score).sum::<f64>() / n,
         share_matching: rows.iter().filter(|r| r.logprob_matching > r.logprob_not_matching).count() as f64 / n,
         mean_letter_mass: rows.iter().map(|r| r.letter_mass).sum::<f64>() / n,
-        chat,
-        letter_tokens: letters,
+        chat: opts.chat,
+        joint: opts.joint,
+        letter_tokens: scored[0].1.clone(),
         rows,
     })
 }

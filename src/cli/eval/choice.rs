@@ -30,6 +30,11 @@ pub struct ChoiceArgs {
     /// Plain text instead of the chat template: "QUESTION\n\nAnswer: (".
     #[arg(long)]
     pub no_chat: bool,
+    /// Score "(A" and "(B" as the tokenizer writes them (the tokens after their common prefix)
+    /// instead of the letter after a lone "(" token; the same numbers where the tokenizer
+    /// splits "(" from the letter, meaningful where it merges them (Qwen2).
+    #[arg(long)]
+    pub joint: bool,
     /// Machine-readable output (every item included).
     #[arg(long)]
     pub json: bool,
@@ -54,7 +59,14 @@ pub fn run(a: ChoiceArgs, g: &Global) -> anyhow::Result<()> {
     let items = choice::load_items(&a.items, a.limit)?;
     let sha256 = crate::io::sha256_file(&a.items)?;
     let loaded = crate::io::load(&a.model, g.progress())?;
-    let report = choice::choice_eval(&loaded.model, loaded.tok()?, &items, !a.no_chat, a.batch_size)?;
+    let opts = choice::ChoiceOpts { chat: !a.no_chat, joint: a.joint, batch: a.batch_size };
+    let report = choice::choice_eval(&loaded.model, loaded.tok()?, &items, &opts)?;
+    if !a.joint && report.mean_letter_mass < 0.1 && !g.quiet {
+        eprintln!(
+            "note: the letters take little probability after \"(\" (mean p(A)+p(B) = {:.3}); if this tokenizer writes \"(A\" as one token, try --joint",
+            report.mean_letter_mass
+        );
+    }
     if a.json {
         let out = Output { model: a.model.display().to_string(), items_file: a.items.display().to_string(), sha256, report };
         println!("{}", serde_json::to_string_pretty(&out)?);
