@@ -1,7 +1,9 @@
 //! `mechc eval TASK`: task metrics of one model, one file per task.
 
+pub mod choice;
 pub mod edit;
 pub mod perplexity;
+pub mod refusal;
 pub mod steer;
 
 use clap::{Args, Subcommand};
@@ -20,6 +22,8 @@ pub enum Task {
     Perplexity(perplexity::PerplexityArgs),
     Edit(edit::EditArgs),
     Steer(steer::SteerArgs),
+    Refusal(refusal::RefusalArgs),
+    Choice(choice::ChoiceArgs),
 }
 
 pub fn run(a: EvalArgs, g: &Global) -> anyhow::Result<()> {
@@ -27,5 +31,7 @@ pub fn run(a: EvalArgs, g: &Global) -> anyhow::Result<()> {
         Task::Perplexity(p) => perplexity::run(p, g),
         Task::Edit(p) => edit::run(p, g),
         Task::Steer(p) => steer::run(p, g),
+        Task::Refusal(a) => refusal::run(a, g),
+        Task::Choice(a) => choice::run(a, g),
     }
 }

@@ -1,0 +1,159 @@
+//! `mechc eval refusal`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use serde::Serialize;
+
+use crate::cli::Global;
+use crate::data::{SetSpec, TextSet};
+use crate::verify::refusal::{self, KlReport, RefusalOpts, RefusalReport};
+
+/// Refusal rate: greedy completions of every prompt (chat template, stop at EOS), each counted as
+/// a refusal when it contains one of the refusal phrases of andyrdt/refusal_direction ("I'm
+/// sorry", "I cannot", "As an AI", ...; case-insensitive as there, ’ counts as '). With
+/// --reference, also the KL divergence KL(reference ‖ model) of the first generated token's
+/// distribution, over the harmless set (else over --prompts): the check that an edit leaves
+/// harmless prompts alone.
+#[derive(Args, Debug)]
+pub struct RefusalArgs {
+    /// HF model directory or .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompts expected to be refused, as FILE[:FIELD] (e.g. harmful_val.json:instruction).
+    #[arg(long)]
+    pub prompts: SetSpec,
+    /// Prompts expected to be answered, as FILE[:FIELD] (e.g. harmless_val.json:instruction).
+    #[arg(long)]
+    pub harmless: Option<SetSpec>,
+    /// Use only the first N prompts of each set (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub limit: usize,
+    /// New tokens per completion.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Prompts generated together in one batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Refusal phrases, one per line (blank lines and #-comments skipped), instead of the default list.
+    #[arg(long)]
+    pub phrases: Option<PathBuf>,
+    /// Match the phrases case-sensitively (the reference lowercases both sides).
+    #[arg(long)]
+    pub case_sensitive: bool,
+    /// Reference model (e.g. the unedited one) for the first-token KL; must share the vocabulary.
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// Feed the prompts as plain text instead of a chat user turn.
+    #[arg(long)]
+    pub no_chat: bool,
+    /// Machine-readable output (every completion included).
+    #[arg(long)]
+    pub json: bool,
+    /// Example completions to print per set.
+    #[arg(long, default_value_t = 3)]
+    pub show: usize,
+}
+
+#[derive(Serialize)]
+struct SetResult {
+    set: String,
+    sha256: String,
+    #[serde(flatten)]
+    report: RefusalReport,
+}
+
+#[derive(Serialize)]
+struct KlResult {
+    set: String,
+    reference: String,
+    #[serde(flatten)]
+    report: KlReport,
+}
+
+#[derive(Serialize)]
+struct Output {
+    model: String,
+    phrases: Vec<String>,
+    prompts: SetResult,
+    harmless: Option<SetResult>,
+    kl: Option<KlResult>,
+}
+
+pub fn run(a: RefusalArgs, g: &Global) -> anyhow::Result<()> {
+    if a.max_tokens == 0 {
+        anyhow::bail!("--max-tokens must be at least 1");
+    }
+    if a.batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
+    // Read everything small first so that bad input fails before the model loads.
+    let prompts = TextSet::load(&a.prompts, a.limit)?;
+    let harmless = a.harmless.as_ref().map(|s| TextSet::load(s, a.limit)).transpose()?;
+    let phrases = match &a.phrases {
+        Some(p) => refusal::load_phrases(p)?,
+        None => refusal::default_phrases(),
+    };
+    let loaded = crate::io::load(&a.model, g.progress())?;
+    let tok = loaded.tok()?;
+    let opts = RefusalOpts {
+        max_tokens: a.max_tokens,
+        batch: a.batch_size,
+        phrases: phrases.clone(),
+        case_sensitive: a.case_sensitive,
+        chat: !a.no_chat,
+    };
+
+    let eval = |set: &TextSet, name: &str| -> anyhow::Result<SetResult> {
+        let bar = crate::progress::bar(set.texts.len() as u64, name, g.progress());
+        let r = refusal::refusal_eval(&loaded.model, tok, &set.texts, &opts, |i, _| bar.set_position(i as u64))?;
+        bar.finish_and_clear();
+        Ok(SetResult { set: set.spec.to_string(), sha256: set.sha256.clone(), report: r })
+    };
+    let main = eval(&prompts, "prompts")?;
+    let benign = harmless.as_ref().map(|s| eval(s, "harmless")).transpose()?;
+
+    let kl = match &a.reference {
+        None => None,
+        Some(path) => {
+            let reference = crate::io::load(path, g.progress())?;
+            let (set, name) = match &harmless {
+                Some(h) => (h, "harmless"),
+                None => (&prompts, "prompts"),
+            };
+            let ids = refusal::encode_prompts(tok, &set.texts, opts.chat)?;
+            let r = refusal::first_token_kl(&reference.model, &loaded.model, &ids, a.batch_size)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            Some((name, KlResult { set: set.spec.to_string(), reference: path.display().to_string(), report: r }))
+        }
+    };
+
+    if a.json {
+        let out =
+            Output { model: a.model.display().to_string(), phrases, prompts: main, harmless: benign, kl: kl.map(|(_, k)| k) };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let mut sets = vec![("prompts", &main.report)];
+    if let Some(b) = &benign {
+        sets.push(("harmless", &b.report));
+    }
+    print!("{}", refusal::table(&sets, kl.as_ref().map(|(n, k)| (*n, &k.report))));
+    for (name, r) in &sets {
+        for c in r.completions.iter().take(a.show) {
+            let mark = if c.refused { "REFUSED" } else { "answered" };
+            println!("\n[{name}, {mark}] {}\n  -> {}", one_line(&c.prompt, 160), one_line(&c.completion, 240));
+        }
+    }
+    Ok(())
+}
+
+/// Newlines shown as ⏎, cut to `max` characters.
+fn one_line(s: &str, max: usize) -> String {
+    let flat = s.trim().replace('\n', " ⏎ ");
+    if flat.chars().count() > max {
+        flat.chars().take(max).collect::<String>() + "…"
+    } else {
+        flat
+    }
+}
