@@ -66,6 +66,29 @@ impl Tok {
 
     /// Render the chat template for one user message with the generation prompt, as
     /// `apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)`.
+    /// Token ids for a prompt: the chat template (user turn + generation prompt) when `chat`,
+    /// else the tokenizer's own special tokens (e.g. BOS for SentencePiece models).
+    pub fn prompt_ids(&self, text: &str, chat: bool) -> Result<Vec<u32>> {
+        if chat {
+            self.encode(&self.apply_chat(text)?, false)
+        } else {
+            self.encode(text, true)
+        }
+    }
+
+    /// [`Tok::prompt_ids`] of every prompt; an error names a prompt that yields no tokens.
+    pub fn prompts_ids(&self, prompts: &[String], chat: bool) -> Result<Vec<Vec<u32>>> {
+        let mut out = Vec::with_capacity(prompts.len());
+        for (i, p) in prompts.iter().enumerate() {
+            let ids = self.prompt_ids(p, chat)?;
+            if ids.is_empty() {
+                return Err(Error::invalid(format!("prompt {i} encodes to no tokens (empty text and no BOS token)")));
+            }
+            out.push(ids);
+        }
+        Ok(out)
+    }
+
     pub fn apply_chat(&self, user: &str) -> Result<String> {
         self.apply_chat_messages(&[("user", user)], true)
     }

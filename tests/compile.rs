@@ -134,3 +134,33 @@ fn skip_layers_output_equals_the_twin_and_dry_run_writes_nothing() {
     let want = source.model.forward(&Batch::single(&ids), None, &mut twin, Fwd::default()).unwrap();
     assert_eq!(common::max_abs_diff(&got, &want), 0.0);
 }
+
+#[test]
+fn task_budgets_run_on_both_models_and_point_at_their_section() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cf = common::shared_data().join("prompts/counterfact/counterfact-edit.json");
+    let extra = format!(
+        "[verify]\nprompts = \"PROMPTS\"\n[verify.refusal]\nprompts = \"PROMPTS\"\nchat = false\nmax_tokens = 8\nmin_rate = 0.5\n\
+         [verify.edit]\nrecords = \"{}\"\nlimit = 5\nmin_score = 0.0",
+        cf.display()
+    );
+    let p = pipeline(tmp.path(), "task", &extra);
+    // stories260K refuses nothing: min_rate = 0.5 is violated, and the error points at the
+    // `min_rate` line of [verify.refusal] (not some other section's key).
+    let err = fails_with(mechc().arg("compile").arg(&p), &["budget violated", "min_rate = 0.5", "refusal_rate = 0.000000"]);
+    let line = std::fs::read_to_string(&p).unwrap().lines().position(|l| l.starts_with("min_rate")).unwrap() + 1;
+    assert!(err.contains(&format!("task.toml:{line}:")), "{err}");
+    assert!(!tmp.path().join("out-task").exists());
+    // Without the impossible bound it compiles, and the manifest has both models' numbers.
+    std::fs::write(&p, std::fs::read_to_string(&p).unwrap().replace("min_rate = 0.5", "max_rate = 1.0")).unwrap();
+    mechc().arg("compile").arg(&p).assert().success();
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("out-task/mechc-manifest.json")).unwrap()).unwrap();
+    let metrics = &m["verify"]["metrics"];
+    for k in ["refusal_rate", "refusal_rate_source", "edit_score", "edit_score_source", "edit_efficacy"] {
+        assert!(metrics[k].is_number(), "{k} missing: {metrics}");
+    }
+    // No passes: the compiled model is the source, so every task metric is equal.
+    assert_eq!(metrics["edit_score"], metrics["edit_score_source"]);
+    assert_eq!(metrics["refusal_rate"], metrics["refusal_rate_source"]);
+}

@@ -60,7 +60,7 @@ fn happiness_direction_steers_monotonically() {
     let (happy, sad) = (sentiment("happiness"), sentiment("sadness"));
     let v = steer::mean_diff_direction(model, tok, &happy[..N], &sad[..N], LAYER, false).unwrap();
     let held_out: Vec<String> = happy[N..N + 24].iter().chain(&sad[N..N + 24]).map(|s| format!("{s} I feel")).collect();
-    let prompts: Vec<Vec<u32>> = held_out.iter().map(|t| mechc::cli::prompt_ids(tok, t, false).unwrap()).collect();
+    let prompts: Vec<Vec<u32>> = held_out.iter().map(|t| tok.prompt_ids(t, false).unwrap()).collect();
     let coeffs = vec![-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0];
     let opts = SteerOpts {
         layer: LAYER,

@@ -70,7 +70,7 @@ pub fn run(a: DiffArgs, g: &Global) -> anyhow::Result<()> {
 
     let prompts_diff = match &prompts {
         Some(set) => {
-            let ids = set.texts.iter().map(|t| super::prompt_ids(tok, t, a.chat)).collect::<crate::Result<Vec<_>>>()?;
+            let ids = tok.prompts_ids(&set.texts, a.chat)?;
             let opts = DiffOpts {
                 batch: a.batch_size,
                 top_moved: a.top,

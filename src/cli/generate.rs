@@ -37,7 +37,7 @@ pub fn run(a: GenerateArgs, g: &Global) -> anyhow::Result<()> {
     }
     let loaded = crate::io::load(&a.model, g.progress())?;
     let tok = loaded.tok()?;
-    let ids = super::prompt_ids(tok, &a.prompt, a.chat)?;
+    let ids = tok.prompt_ids(&a.prompt, a.chat)?;
     if ids.is_empty() {
         anyhow::bail!("the prompt is empty and the tokenizer adds no BOS token: give --prompt");
     }

@@ -88,13 +88,3 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::RandomModel(a) => random_model::run(a, &g),
     }
 }
-
-/// Token ids for a prompt: the chat template (user turn + generation prompt) when `chat`,
-/// else the tokenizer's own special tokens (e.g. BOS for SentencePiece models).
-pub fn prompt_ids(tok: &crate::tokenizer::Tok, text: &str, chat: bool) -> crate::Result<Vec<u32>> {
-    if chat {
-        tok.encode(&tok.apply_chat(text)?, false)
-    } else {
-        tok.encode(text, true)
-    }
-}

@@ -37,7 +37,7 @@ pub fn run(a: TokenizeArgs, g: &Global) -> anyhow::Result<()> {
     }
     let mut all = vec![];
     for t in &texts {
-        all.push(if a.chat { super::prompt_ids(&tok, t, true)? } else { tok.encode(t, !a.no_special)? });
+        all.push(if a.chat { tok.prompt_ids(t, true)? } else { tok.encode(t, !a.no_special)? });
     }
     println!("{}", serde_json::to_string(&all)?);
     Ok(())

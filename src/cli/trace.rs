@@ -50,7 +50,7 @@ pub fn run(a: TraceArgs, g: &Global) -> anyhow::Result<()> {
     let loaded = crate::io::load(&a.model, g.progress())?;
     let ids = match (&a.ids, &a.prompt) {
         (Some(ids), _) => ids.clone(),
-        (None, Some(p)) => super::prompt_ids(loaded.tok()?, p, a.chat)?,
+        (None, Some(p)) => loaded.tok()?.prompt_ids(p, a.chat)?,
         (None, None) => unreachable!("clap requires --prompt or --ids"),
     };
     if ids.is_empty() {

@@ -132,7 +132,7 @@ impl Plan {
                 let mut s = SetSpec::parse(spec);
                 s.path = self.file.resolve(&s.path);
                 let set = TextSet::load(&s, v.limit)?;
-                let ids = set.texts.iter().map(|t| crate::cli::prompt_ids(tok, t, v.chat)).collect::<Result<Vec<_>>>()?;
+                let ids = tok.prompts_ids(&set.texts, v.chat)?;
                 let opts = DiffOpts { batch: v.batch_size, top_moved: 0, gen_tokens: 0, stop: vec![] };
                 let bar = crate::progress::bar(ids.len() as u64, "verify", progress);
                 let d = diff_prompts(source, compiled, &ids, &set.texts, &opts, |_| Ok(String::new()), |i, _| bar.set_position(i as u64))?;
@@ -151,7 +151,31 @@ impl Plan {
             }
             None => None,
         };
-        let metrics = budget::metrics(prompts.as_ref(), text.as_ref());
+        let mut metrics = budget::metrics(prompts.as_ref(), text.as_ref());
+        if let Some(r) = &v.refusal {
+            let mut spec = SetSpec::parse(&r.prompts);
+            spec.path = self.file.resolve(&spec.path);
+            let set = TextSet::load(&spec, r.limit)?;
+            let opts = crate::verify::refusal::RefusalOpts { max_tokens: r.max_tokens, batch: v.batch_size, chat: r.chat, ..Default::default() };
+            for (name, m) in [("refusal_rate_source", source), ("refusal_rate", compiled)] {
+                let bar = crate::progress::bar(set.texts.len() as u64, "refusal", progress);
+                let rep = crate::verify::refusal::refusal_eval(m, tok, &set.texts, &opts, |i, _| bar.set_position(i as u64))?;
+                bar.finish_and_clear();
+                metrics.insert(name.into(), rep.rate);
+            }
+        }
+        if let Some(e) = &v.edit {
+            let path = self.file.resolve(std::path::Path::new(&e.records));
+            let ids = (!e.ids.is_empty()).then_some(e.ids.as_slice());
+            let fields = crate::verify::edit::EditFields::default();
+            for (suffix, m) in [("_source", source), ("", compiled)] {
+                let r = crate::verify::edit::evaluate_file(m, tok, &path, e.limit, ids, &fields, v.batch_size, Default::default(), |_, _| {})?;
+                metrics.insert(format!("edit_score{suffix}"), r.score);
+                metrics.insert(format!("edit_efficacy{suffix}"), r.efficacy.rate);
+                metrics.insert(format!("edit_paraphrase{suffix}"), r.paraphrase.rate);
+                metrics.insert(format!("edit_neighbourhood{suffix}"), r.neighbourhood.rate);
+            }
+        }
         let checks = v.check(&metrics);
         Ok(Some(Verdict { metrics, checks, prompts, text }))
     }
@@ -162,7 +186,13 @@ impl Plan {
             .checks
             .iter()
             .filter(|c| !c.ok)
-            .map(|c| format!("{}  (measured {} = {:.6})", self.file.locate_key("verify", &c.budget), c.metric, c.measured))
+            .map(|c| {
+                let (section, key) = match c.budget.rsplit_once('.') {
+                    Some((sub, key)) => (format!("verify.{sub}"), key),
+                    None => ("verify".to_string(), c.budget.as_str()),
+                };
+                format!("{}  (measured {} = {:.6})", self.file.locate_key(&section, key), c.metric, c.measured)
+            })
             .collect()
     }
 

@@ -21,6 +21,12 @@ fn d_seq_len() -> usize {
 fn d_batch() -> usize {
     8
 }
+fn d_gen() -> usize {
+    64
+}
+fn yes() -> bool {
+    true
+}
 
 /// `[verify]`: what to measure on, and the budgets.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -53,6 +59,46 @@ pub struct VerifySpec {
     pub min_top1: Option<f64>,
     /// Max perplexity(compiled) / perplexity(source) on the text.
     pub max_ppl_ratio: Option<f64>,
+
+    /// `[verify.refusal]`: refusal rate of the compiled model (and, for the report, the source).
+    pub refusal: Option<RefusalBudget>,
+    /// `[verify.edit]`: knowledge-edit metrics of the compiled model (and the source).
+    pub edit: Option<EditBudget>,
+}
+
+/// Refusal rate on an instruction set, greedy, chat template (see `mechc eval refusal`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefusalBudget {
+    /// FILE[:FIELD], relative to the pipeline file.
+    pub prompts: String,
+    /// First N prompts (0 = all).
+    #[serde(default)]
+    pub limit: usize,
+    #[serde(default = "d_gen")]
+    pub max_tokens: usize,
+    #[serde(default = "yes")]
+    pub chat: bool,
+    /// Bounds on the share of prompts refused, in [0, 1].
+    pub min_rate: Option<f64>,
+    pub max_rate: Option<f64>,
+}
+
+/// CounterFact-style edit metrics (see `mechc eval edit`); rates in percent.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EditBudget {
+    /// Records file, relative to the pipeline file.
+    pub records: String,
+    /// Only these record ids (`case_id` values); default: the first `limit`.
+    #[serde(default)]
+    pub ids: Vec<String>,
+    #[serde(default = "d_limit")]
+    pub limit: usize,
+    pub min_score: Option<f64>,
+    pub min_efficacy: Option<f64>,
+    pub min_paraphrase: Option<f64>,
+    pub min_neighbourhood: Option<f64>,
 }
 
 /// One budget and what was measured.
@@ -66,13 +112,21 @@ pub struct BudgetCheck {
 }
 
 impl VerifySpec {
-    /// (budget key, bound, metric it bounds, is an upper bound).
+    /// (budget key as `[section.]key`, bound, metric it bounds, is an upper bound).
     fn budgets(&self) -> Vec<(&'static str, f64, &'static str, bool)> {
+        let r = self.refusal.as_ref();
+        let e = self.edit.as_ref();
         [
             ("max_kl", self.max_kl, "kl_first_mean", true),
             ("max_kl_all", self.max_kl_all, "kl_all_mean", true),
             ("min_top1", self.min_top1, "top1_first", false),
             ("max_ppl_ratio", self.max_ppl_ratio, "ppl_ratio", true),
+            ("refusal.min_rate", r.and_then(|r| r.min_rate), "refusal_rate", false),
+            ("refusal.max_rate", r.and_then(|r| r.max_rate), "refusal_rate", true),
+            ("edit.min_score", e.and_then(|e| e.min_score), "edit_score", false),
+            ("edit.min_efficacy", e.and_then(|e| e.min_efficacy), "edit_efficacy", false),
+            ("edit.min_paraphrase", e.and_then(|e| e.min_paraphrase), "edit_paraphrase", false),
+            ("edit.min_neighbourhood", e.and_then(|e| e.min_neighbourhood), "edit_neighbourhood", false),
         ]
         .into_iter()
         .filter_map(|(k, b, m, up)| b.map(|b| (k, b, m, up)))
@@ -84,6 +138,9 @@ impl VerifySpec {
         for (key, bound, metric, _) in self.budgets() {
             if !bound.is_finite() {
                 return Err(Error::config(file, format!("verify.{key}"), "must be a finite number"));
+            }
+            if key.contains('.') {
+                continue; // task budgets carry their own data
             }
             let needs_text = metric.starts_with("ppl");
             if needs_text && self.text.is_none() {

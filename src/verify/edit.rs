@@ -214,7 +214,7 @@ pub fn evaluate(
     fwd: Fwd,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<RecordScore>> {
-    let enc_prompt = |s: &str| crate::cli::prompt_ids(tok, s, false);
+    let enc_prompt = |s: &str| tok.prompt_ids(s, false);
     let enc_target = |s: &str| tok.encode(&format!(" {s}"), false);
     // Chunks of records keep the progress bar moving while still batching by length.
     let chunk = (batch.max(1) * 4).max(16);

@@ -120,20 +120,6 @@ pub struct RefusalReport {
     pub completions: Vec<Completion>,
 }
 
-/// Token ids of every prompt, as `cli::prompt_ids`: the chat template (user turn + generation
-/// prompt) when `chat`, else the tokenizer's own special tokens. An error names the prompt that yields no tokens.
-pub fn encode_prompts(tok: &Tok, prompts: &[String], chat: bool) -> Result<Vec<Vec<u32>>> {
-    let mut out = Vec::with_capacity(prompts.len());
-    for (i, p) in prompts.iter().enumerate() {
-        let ids = if chat { tok.encode(&tok.apply_chat(p)?, false)? } else { tok.encode(p, true)? };
-        if ids.is_empty() {
-            return Err(Error::invalid(format!("prompt {i} encodes to no tokens (empty text and no BOS token)")));
-        }
-        out.push(ids);
-    }
-    Ok(out)
-}
-
 /// The ids generation stops at: the config's EOS ids and the tokenizer's EOS token.
 pub fn stop_tokens(model: &Model, tok: &Tok) -> Vec<u32> {
     let mut stop = model.cfg.eos_token_ids.clone();
@@ -160,7 +146,7 @@ pub fn refusal_eval(
     if opts.phrases.iter().all(|p| p.is_empty()) {
         return Err(Error::invalid("refusal eval: the phrase list is empty"));
     }
-    let ids = encode_prompts(tok, prompts, opts.chat)?;
+    let ids = tok.prompts_ids(prompts, opts.chat)?;
     let stop = stop_tokens(model, tok);
     let gen = GenOpts { max_tokens: opts.max_tokens, temperature: 0.0, seed: 0, stop: stop.clone() };
     let pad = stop.first().copied().unwrap_or(0);

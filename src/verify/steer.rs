@@ -118,7 +118,7 @@ pub fn mean_diff_direction(model: &Model, tok: &Tok, pos: &[String], neg: &[Stri
     }
     let d = model.cfg.hidden_size;
     let mean = |texts: &[String]| -> Result<Vec<f64>> {
-        let ids = texts.iter().map(|t| crate::cli::prompt_ids(tok, t, chat)).collect::<Result<Vec<_>>>()?;
+        let ids = tok.prompts_ids(texts, chat)?;
         let mut sum = vec![0f64; d];
         last_token_pass(model, &ids, 16, &Hooks::new(), HookPoint::ResidPost(layer), |_, _, a| {
             sum.iter_mut().zip(&a).for_each(|(s, &x)| *s += x as f64);

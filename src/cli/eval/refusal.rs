@@ -121,7 +121,7 @@ pub fn run(a: RefusalArgs, g: &Global) -> anyhow::Result<()> {
                 Some(h) => (h, "harmless"),
                 None => (&prompts, "prompts"),
             };
-            let ids = refusal::encode_prompts(tok, &set.texts, opts.chat)?;
+            let ids = tok.prompts_ids(&set.texts, opts.chat)?;
             let r = refusal::first_token_kl(&reference.model, &loaded.model, &ids, a.batch_size)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             Some((name, KlResult { set: set.spec.to_string(), reference: path.display().to_string(), report: r }))

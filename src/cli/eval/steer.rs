@@ -69,7 +69,7 @@ pub fn run(a: SteerArgs, g: &Global) -> anyhow::Result<()> {
     let model = &loaded.model;
     let direction = steer::load_direction(&a.direction, model.cfg.hidden_size)?;
     let tok = loaded.tok()?;
-    let prompts = set.texts.iter().map(|t| super::super::prompt_ids(tok, t, a.chat)).collect::<crate::Result<Vec<_>>>()?;
+    let prompts = tok.prompts_ids(&set.texts, a.chat)?;
     let opts = SteerOpts {
         layer: a.layer,
         measure_layer: a.measure_layer,
