@@ -38,6 +38,9 @@ pub struct ChoiceArgs {
     /// Machine-readable output (every item included).
     #[arg(long)]
     pub json: bool,
+    /// Also write an HTML report (tables and plots) readable offline.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
     /// Items to list in the table.
     #[arg(long, default_value_t = 10)]
     pub show: usize,
@@ -66,6 +69,11 @@ pub fn run(a: ChoiceArgs, g: &Global) -> anyhow::Result<()> {
             "note: the letters take little probability after \"(\" (mean p(A)+p(B) = {:.3}); if this tokenizer writes \"(A\" as one token, try --joint",
             report.mean_letter_mass
         );
+    }
+    if let Some(path) = &a.report {
+        let mut rep = crate::report::Report::new(&format!("mechc eval choice: {}", a.model.display()));
+        crate::report::eval::choice(&mut rep, &report)?;
+        rep.write(path)?;
     }
     if a.json {
         let out = Output { model: a.model.display().to_string(), items_file: a.items.display().to_string(), sha256, report };

@@ -56,6 +56,9 @@ pub struct EditArgs {
     /// Machine-readable output: {"model": report, "source": report|null, "delta": delta|null}.
     #[arg(long)]
     pub json: bool,
+    /// Also write an HTML report (tables and plots) readable offline.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
 }
 
 pub fn run(a: EditArgs, g: &Global) -> anyhow::Result<()> {
@@ -92,6 +95,11 @@ pub fn run(a: EditArgs, g: &Global) -> anyhow::Result<()> {
         }
         None => None,
     };
+    if let Some(path) = &a.report {
+        let mut rep = crate::report::Report::new(&format!("mechc eval edit: {}", a.model.display()));
+        crate::report::eval::edit(&mut rep, &report, source.as_ref().map(|(r, d)| (r, d)))?;
+        rep.write(path)?;
+    }
     if a.json {
         let out = serde_json::json!({
             "model": report,

@@ -30,6 +30,9 @@ pub struct PerplexityArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+    /// Also write an HTML report (tables and plots) readable offline.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
 }
 
 pub fn run(a: PerplexityArgs, g: &Global) -> anyhow::Result<()> {
@@ -46,6 +49,11 @@ pub fn run(a: PerplexityArgs, g: &Global) -> anyhow::Result<()> {
         bar.set_position(i as u64);
     })?;
     bar.finish_and_clear();
+    if let Some(path) = &a.report {
+        let mut rep = crate::report::Report::new(&format!("mechc eval perplexity: {}", a.model.display()));
+        crate::report::eval::perplexity(&mut rep, &r);
+        rep.write(path)?;
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

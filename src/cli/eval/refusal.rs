@@ -50,6 +50,9 @@ pub struct RefusalArgs {
     /// Machine-readable output (every completion included).
     #[arg(long)]
     pub json: bool,
+    /// Also write an HTML report (tables and plots) readable offline.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
     /// Example completions to print per set.
     #[arg(long, default_value_t = 3)]
     pub show: usize,
@@ -128,6 +131,15 @@ pub fn run(a: RefusalArgs, g: &Global) -> anyhow::Result<()> {
         }
     };
 
+    if let Some(path) = &a.report {
+        let mut rep = crate::report::Report::new(&format!("mechc eval refusal: {}", a.model.display()));
+        let mut sets = vec![("prompts", &main.report)];
+        if let Some(b) = &benign {
+            sets.push(("harmless", &b.report));
+        }
+        crate::report::eval::refusal(&mut rep, &sets, kl.as_ref().map(|(_, k)| &k.report))?;
+        rep.write(path)?;
+    }
     if a.json {
         let out =
             Output { model: a.model.display().to_string(), phrases, prompts: main, harmless: benign, kl: kl.map(|(_, k)| k) };
@@ -142,18 +154,8 @@ pub fn run(a: RefusalArgs, g: &Global) -> anyhow::Result<()> {
     for (name, r) in &sets {
         for c in r.completions.iter().take(a.show) {
             let mark = if c.refused { "REFUSED" } else { "answered" };
-            println!("\n[{name}, {mark}] {}\n  -> {}", one_line(&c.prompt, 160), one_line(&c.completion, 240));
+            println!("\n[{name}, {mark}] {}\n  -> {}", crate::report::one_line(&c.prompt, 160), crate::report::one_line(&c.completion, 240));
         }
     }
     Ok(())
-}
-
-/// Newlines shown as ⏎, cut to `max` characters.
-fn one_line(s: &str, max: usize) -> String {
-    let flat = s.trim().replace('\n', " ⏎ ");
-    if flat.chars().count() > max {
-        flat.chars().take(max).collect::<String>() + "…"
-    } else {
-        flat
-    }
 }

@@ -55,6 +55,9 @@ pub struct SteerArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+    /// Also write an HTML report (tables and plots) readable offline.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
 }
 
 pub fn run(a: SteerArgs, g: &Global) -> anyhow::Result<()> {
@@ -85,6 +88,11 @@ pub fn run(a: SteerArgs, g: &Global) -> anyhow::Result<()> {
         bar.set_position(i as u64);
     })?;
     bar.finish_and_clear();
+    if let Some(path) = &a.report {
+        let mut rep = crate::report::Report::new(&format!("mechc eval steer: {}", a.model.display()));
+        crate::report::eval::steer(&mut rep, &r)?;
+        rep.write(path)?;
+    }
     if a.json {
         let out = serde_json::json!({
             "model": a.model.display().to_string(),

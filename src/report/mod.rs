@@ -6,6 +6,8 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
+pub mod eval;
+
 use crate::error::{Error, Result};
 use crate::verify::diff::{PromptsDiff, Side, TextDiff};
 
@@ -76,14 +78,14 @@ impl Report {
     }
 }
 
-/// `s` on one line, cut to `n` characters.
+/// `s` on one line (newlines shown as ⏎, other control characters as spaces), cut to `n`
+/// characters.
 pub fn one_line(s: &str, n: usize) -> String {
-    let flat: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-    let cut: String = flat.chars().take(n).collect();
+    let flat: String = s.trim().replace('\n', " ⏎ ").chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     if flat.chars().count() > n {
-        format!("{cut}…")
+        flat.chars().take(n).collect::<String>() + "…"
     } else {
-        cut
+        flat
     }
 }
 
