@@ -36,3 +36,14 @@ for name, k, higher_better in rows:
     r = x / y if higher_better else y / x
     print(f"| {name:<30} | {x:>8.1f} | {y:>12.1f} | {r:>14.2f}x |")
 PY
+
+# mechc diff throughput: 500 chat-templated prompts, the model against itself (both forwards and
+# the KL/top-1 arithmetic), next to the plain forward's tokens/s measured inside the same run.
+diff=$($MECHC -q diff "$DIR" "$DIR" --prompts "$SHARED/prompts/refusal/harmless_val.json:instruction" --limit 500 --chat --top 0 --json)
+python3 - "$diff" <<'PY'
+import json, sys
+d = json.loads(sys.argv[1])["prompts"]["result"]
+t = d["timing"]
+print(f"\ndiff, {d['prompts']} prompts ({d['tokens']} tokens): {t['total_s']:.1f} s = {100 * t['total_s'] / d['prompts']:.1f} s per 100 prompts; "
+      f"{t['tokens_per_s']:.0f} tokens/s through both models + comparison; plain forward (model A alone) {t['forward_a_tokens_per_s']:.0f} tokens/s")
+PY
