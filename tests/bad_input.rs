@@ -5,26 +5,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use assert_cmd::Command;
-
-fn mechc() -> Command {
-    let mut c = Command::cargo_bin("mechc").unwrap();
-    c.env("MECHC_CACHE", std::env::temp_dir().join("mechc-test-cache")).arg("-q");
-    c
-}
-
-/// Run, expect failure; return stderr after checking it is one line that mentions `needle`.
-fn fails(cmd: &mut Command, needles: &[&str]) -> String {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "expected failure, got success; stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "expected one line, got: {err}");
-    for n in needles {
-        assert!(err.contains(n), "error {err:?} should mention {n:?}");
-    }
-    err
-}
 
 /// A valid imported stories260K directory in a fresh temp dir.
 fn stories_dir() -> (tempfile::TempDir, PathBuf) {
@@ -53,7 +33,7 @@ fn truncated_safetensors() {
     let st = dir.join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
-    fails(mechc().arg("generate").arg(&dir).args(["--max-tokens", "2"]), &["model.safetensors", "safetensors"]);
+    common::fails(common::mechc().arg("generate").arg(&dir).args(["--max-tokens", "2"]), &["model.safetensors", "safetensors"]);
 }
 
 #[test]
@@ -65,7 +45,7 @@ fn safetensors_header_offsets_overrun_the_file() {
     bytes.extend_from_slice(header.as_bytes());
     bytes.extend_from_slice(&[0u8; 64]);
     std::fs::write(&st, bytes).unwrap();
-    fails(mechc().arg("inspect").arg(&dir), &["model.safetensors"]);
+    common::fails(common::mechc().arg("inspect").arg(&dir), &["model.safetensors"]);
 }
 
 #[test]
@@ -78,7 +58,7 @@ fn non_finite_weights() {
     let bad = candle_core::Tensor::from_vec(v, w.dims(), w.device()).unwrap();
     m.blocks[2].up = mechc::model::Linear::new(&bad, None).unwrap();
     mechc::io::hf::save_model(&m, &dir, candle_core::DType::F32, &Default::default()).unwrap();
-    fails(mechc().arg("generate").arg(&dir), &["model.layers.2.mlp.up_proj.weight", "NaN"]);
+    common::fails(common::mechc().arg("generate").arg(&dir), &["model.layers.2.mlp.up_proj.weight", "NaN"]);
 }
 
 #[test]
@@ -87,7 +67,7 @@ fn config_missing_field() {
     edit_config(&dir, |c| {
         c.remove("num_hidden_layers");
     });
-    fails(mechc().arg("generate").arg(&dir), &["config.json", "num_hidden_layers", "missing"]);
+    common::fails(common::mechc().arg("generate").arg(&dir), &["config.json", "num_hidden_layers", "missing"]);
 }
 
 #[test]
@@ -96,13 +76,13 @@ fn config_contradictory_fields() {
     edit_config(&dir, |c| {
         c.insert("num_key_value_heads".into(), 3.into());
     });
-    fails(mechc().arg("inspect").arg(&dir), &["config.json", "num_key_value_heads", "does not divide"]);
+    common::fails(common::mechc().arg("inspect").arg(&dir), &["config.json", "num_key_value_heads", "does not divide"]);
     edit_config(&dir, |c| {
         c.insert("num_key_value_heads".into(), 4.into());
         c.insert("hidden_size".into(), 96.into());
     });
     // Shapes on disk no longer match the config: the tensor and both sizes are named.
-    fails(mechc().arg("generate").arg(&dir), &["model.embed_tokens.weight", "[512, 64]", "[512, 96]"]);
+    common::fails(common::mechc().arg("generate").arg(&dir), &["model.embed_tokens.weight", "[512, 64]", "[512, 96]"]);
 }
 
 #[test]
@@ -111,12 +91,12 @@ fn config_wrong_type_and_unknown_architecture() {
     edit_config(&dir, |c| {
         c.insert("rms_norm_eps".into(), "small".into());
     });
-    fails(mechc().arg("inspect").arg(&dir), &["config.json", "rms_norm_eps", "number"]);
+    common::fails(common::mechc().arg("inspect").arg(&dir), &["config.json", "rms_norm_eps", "number"]);
     edit_config(&dir, |c| {
         c.insert("rms_norm_eps".into(), 1e-5.into());
         c.insert("model_type".into(), "gpt_neox".into());
     });
-    fails(mechc().arg("inspect").arg(&dir), &["config.json", "gpt_neox", "unsupported"]);
+    common::fails(common::mechc().arg("inspect").arg(&dir), &["config.json", "gpt_neox", "unsupported"]);
 }
 
 #[test]
@@ -141,7 +121,7 @@ fn truncated_and_corrupted_gguf() {
         let f = tmp.path().join(name);
         std::fs::write(&f, data).unwrap();
         let out = tmp.path().join(format!("{name}.out"));
-        fails(mechc().arg("import").arg(&f).arg("--out").arg(&out), &[name]);
+        common::fails(common::mechc().arg("import").arg(&f).arg("--out").arg(&out), &[name]);
         assert!(!out.exists(), "{name}: partial output left behind");
         let leftovers: Vec<String> = entries(tmp.path()).into_iter().filter(|e| e.contains("mechc-tmp")).collect();
         assert!(leftovers.is_empty(), "{name}: temporary files left: {leftovers:?}");
@@ -154,28 +134,28 @@ fn existing_output_is_refused_and_untouched() {
     let out = tmp.path().join("out");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "mine").unwrap();
-    fails(mechc().arg("import").arg(common::stories_gguf()).arg("--out").arg(&out), &["out", "already exists"]);
+    common::fails(common::mechc().arg("import").arg(common::stories_gguf()).arg("--out").arg(&out), &["out", "already exists"]);
     assert_eq!(entries(&out), vec!["keep.txt"]);
     assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
     // With --force it is replaced whole.
-    mechc().arg("import").arg(common::stories_gguf()).arg("--out").arg(&out).arg("--force").assert().success();
+    common::mechc().arg("import").arg(common::stories_gguf()).arg("--out").arg(&out).arg("--force").assert().success();
     assert!(out.join("model.safetensors").exists() && !out.join("keep.txt").exists());
 
     // trace refuses an existing file too.
     let f = tmp.path().join("t.safetensors");
     std::fs::write(&f, "x").unwrap();
-    fails(mechc().arg("trace").arg(&out).args(["--prompt", "Once"]).arg("--out").arg(&f), &["t.safetensors", "already exists"]);
+    common::fails(common::mechc().arg("trace").arg(&out).args(["--prompt", "Once"]).arg("--out").arg(&f), &["t.safetensors", "already exists"]);
     assert_eq!(std::fs::read_to_string(&f).unwrap(), "x");
 }
 
 #[test]
 fn output_inside_the_input_is_refused() {
     let (_t, dir) = stories_dir();
-    fails(mechc().arg("import").arg(common::stories_gguf()).arg("--out").arg(common::stories_gguf()).arg("--force"), &["input"]);
+    common::fails(common::mechc().arg("import").arg(common::stories_gguf()).arg("--out").arg(common::stories_gguf()).arg("--force"), &["input"]);
     let before = entries(&dir);
     let gguf_copy = dir.join("m.gguf");
     std::fs::copy(common::stories_gguf(), &gguf_copy).unwrap();
-    fails(mechc().arg("import").arg(&gguf_copy).arg("--out").arg(&dir).arg("--force"), &["input"]);
+    common::fails(common::mechc().arg("import").arg(&gguf_copy).arg("--out").arg(&dir).arg("--force"), &["input"]);
     let mut want = before;
     want.push("m.gguf".into());
     want.sort();
@@ -187,9 +167,9 @@ fn bad_hook_pattern_and_missing_model() {
     let (_t, dir) = stories_dir();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("t.safetensors");
-    fails(mechc().arg("trace").arg(&dir).args(["--prompt", "Once", "--hooks", "blocks.*.hook_nothing"]).arg("--out").arg(&out), &["matches no hook"]);
+    common::fails(common::mechc().arg("trace").arg(&dir).args(["--prompt", "Once", "--hooks", "blocks.*.hook_nothing"]).arg("--out").arg(&out), &["matches no hook"]);
     assert!(!out.exists());
-    fails(mechc().arg("inspect").arg(tmp.path().join("nope")), &["nope", "no such file"]);
+    common::fails(common::mechc().arg("inspect").arg(tmp.path().join("nope")), &["nope", "no such file"]);
 }
 
 #[test]
@@ -197,7 +177,7 @@ fn trace_writes_the_promised_tensors() {
     let (_t, dir) = stories_dir();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("t.safetensors");
-    mechc()
+    common::mechc()
         .arg("trace")
         .arg(&dir)
         .args(["--prompt", "Once upon a time", "--hooks", "blocks.1.*,hook_embed"])

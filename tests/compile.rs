@@ -5,15 +5,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use assert_cmd::Command;
 use mechc::model::decoder::Fwd;
 use mechc::runtime::{Batch, Hooks};
-
-fn mechc() -> Command {
-    let mut c = Command::cargo_bin("mechc").unwrap();
-    c.env("MECHC_CACHE", std::env::temp_dir().join("mechc-test-cache")).arg("-q");
-    c
-}
 
 /// A pipeline over stories260K with `extra` TOML appended (passes, verify); output `out`.
 fn pipeline(dir: &Path, name: &str, extra: &str) -> PathBuf {
@@ -41,23 +34,11 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     v
 }
 
-fn fails_with(cmd: &mut Command, needles: &[&str]) -> String {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "expected failure; stderr {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "one-line error expected: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{err:?} should mention {n:?}");
-    }
-    err
-}
-
 #[test]
 fn no_passes_reproduces_the_tensors_and_output_is_deterministic() {
     let tmp = tempfile::tempdir().unwrap();
     let p = pipeline(tmp.path(), "id", "[verify]\nprompts = \"PROMPTS\"\nmax_kl = 0.0\nmin_top1 = 1.0");
-    mechc().arg("compile").arg(&p).assert().success();
+    common::mechc().arg("compile").arg(&p).assert().success();
     let out = tmp.path().join("out-id");
     // The tensors equal the source's import bit for bit.
     let src = mechc::io::resolve(&common::stories_gguf(), false).unwrap();
@@ -77,11 +58,11 @@ fn no_passes_reproduces_the_tensors_and_output_is_deterministic() {
     assert_eq!(manifest["files"]["model.safetensors"].as_str().unwrap(), mechc::io::sha256_file(&out.join("model.safetensors")).unwrap());
     // Same input + same pipeline → byte-identical output (compiled again elsewhere).
     let again = tmp.path().join("again");
-    mechc().arg("compile").arg(&p).arg("--out").arg(&again).assert().success();
+    common::mechc().arg("compile").arg(&p).arg("--out").arg(&again).assert().success();
     assert_eq!(files(&out), files(&again));
     // An existing output is refused without --force, replaced with it.
-    fails_with(mechc().arg("compile").arg(&p), &["already exists", "--force"]);
-    mechc().arg("compile").arg(&p).arg("--force").assert().success();
+    common::fails(common::mechc().arg("compile").arg(&p), &["already exists", "--force"]);
+    common::mechc().arg("compile").arg(&p).arg("--force").assert().success();
 }
 
 #[test]
@@ -92,7 +73,7 @@ fn impossible_budget_fails_names_the_line_and_writes_nothing() {
         "budget",
         "[[pass]]\nname = \"skip-layers\"\nlayers = [2]\n[verify]\nprompts = \"PROMPTS\"\ntext = \"TEXT\"\ntokens = 512\nseq_len = 128\nmax_ppl_ratio = 1.0",
     );
-    let err = fails_with(mechc().arg("compile").arg(&p), &["budget violated", "budget.toml:", "max_ppl_ratio = 1.0", "ppl_ratio"]);
+    let err = common::fails(common::mechc().arg("compile").arg(&p), &["budget violated", "budget.toml:", "max_ppl_ratio = 1.0", "ppl_ratio"]);
     // The line number is the line of the budget in the file.
     let line = std::fs::read_to_string(&p).unwrap().lines().position(|l| l.starts_with("max_ppl_ratio")).unwrap() + 1;
     assert!(err.contains(&format!("budget.toml:{line}:")), "{err}");
@@ -104,26 +85,26 @@ fn impossible_budget_fails_names_the_line_and_writes_nothing() {
 fn pipeline_errors_are_one_line() {
     let tmp = tempfile::tempdir().unwrap();
     let p = pipeline(tmp.path(), "u", "[[pass]]\nname = \"prune-everything\"");
-    fails_with(mechc().arg("compile").arg(&p), &["unknown pass `prune-everything`", "skip-layers"]);
+    common::fails(common::mechc().arg("compile").arg(&p), &["unknown pass `prune-everything`", "skip-layers"]);
     let p = pipeline(tmp.path(), "t", "[[pass]]\nname = \"skip-layers\"\nlayers = \"two\"");
-    fails_with(mechc().arg("compile").arg(&p), &["pass[0] (skip-layers)", "invalid type"]);
+    common::fails(common::mechc().arg("compile").arg(&p), &["pass[0] (skip-layers)", "invalid type"]);
     let p = pipeline(tmp.path(), "r", "[[pass]]\nname = \"skip-layers\"\nlayers = [9]");
-    fails_with(mechc().arg("compile").arg(&p), &["layer 9 does not exist"]);
+    common::fails(common::mechc().arg("compile").arg(&p), &["layer 9 does not exist"]);
     let p = pipeline(tmp.path(), "k", "[[pass]]\nname = \"skip-layers\"\nlayers = [1]\nlayer = [2]");
-    fails_with(mechc().arg("compile").arg(&p), &["unknown field `layer`"]);
+    common::fails(common::mechc().arg("compile").arg(&p), &["unknown field `layer`"]);
     let p = pipeline(tmp.path(), "v", "[verify]\nmax_kl = 0.1");
-    fails_with(mechc().arg("compile").arg(&p), &["verify.max_kl", "needs `prompts`"]);
+    common::fails(common::mechc().arg("compile").arg(&p), &["verify.max_kl", "needs `prompts`"]);
     let p = pipeline(tmp.path(), "s", "[verfy]\nmax_kl = 0.1");
-    fails_with(mechc().arg("compile").arg(&p), &["line 4", "verfy"]);
+    common::fails(common::mechc().arg("compile").arg(&p), &["line 4", "verfy"]);
 }
 
 #[test]
 fn skip_layers_output_equals_the_twin_and_dry_run_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let p = pipeline(tmp.path(), "skip", "[[pass]]\nname = \"skip-layers\"\nlayers = [1, 3]");
-    mechc().arg("compile").arg(&p).arg("--dry-run").assert().success();
+    common::mechc().arg("compile").arg(&p).arg("--dry-run").assert().success();
     assert!(!tmp.path().join("out-skip").exists());
-    mechc().arg("compile").arg(&p).assert().success();
+    common::mechc().arg("compile").arg(&p).assert().success();
     let compiled = mechc::io::load(&tmp.path().join("out-skip"), false).unwrap();
     assert_eq!(compiled.model.cfg.num_layers, 3);
     let source = mechc::io::load(&common::stories_gguf(), false).unwrap();
@@ -147,13 +128,13 @@ fn task_budgets_run_on_both_models_and_point_at_their_section() {
     let p = pipeline(tmp.path(), "task", &extra);
     // stories260K refuses nothing: min_rate = 0.5 is violated, and the error points at the
     // `min_rate` line of [verify.refusal] (not some other section's key).
-    let err = fails_with(mechc().arg("compile").arg(&p), &["budget violated", "min_rate = 0.5", "refusal_rate = 0.000000"]);
+    let err = common::fails(common::mechc().arg("compile").arg(&p), &["budget violated", "min_rate = 0.5", "refusal_rate = 0.000000"]);
     let line = std::fs::read_to_string(&p).unwrap().lines().position(|l| l.starts_with("min_rate")).unwrap() + 1;
     assert!(err.contains(&format!("task.toml:{line}:")), "{err}");
     assert!(!tmp.path().join("out-task").exists());
     // Without the impossible bound it compiles, and the manifest has both models' numbers.
     std::fs::write(&p, std::fs::read_to_string(&p).unwrap().replace("min_rate = 0.5", "max_rate = 1.0")).unwrap();
-    mechc().arg("compile").arg(&p).assert().success();
+    common::mechc().arg("compile").arg(&p).assert().success();
     let m: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tmp.path().join("out-task/mechc-manifest.json")).unwrap()).unwrap();
     let metrics = &m["verify"]["metrics"];

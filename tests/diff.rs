@@ -5,14 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use assert_cmd::Command;
 use serde_json::Value;
-
-fn mechc() -> Command {
-    let mut c = Command::cargo_bin("mechc").unwrap();
-    c.env("MECHC_CACHE", std::env::temp_dir().join("mechc-test-cache")).arg("-q");
-    c
-}
 
 fn stories_prompts(dir: &Path) -> PathBuf {
     let p = dir.join("prompts.json");
@@ -23,7 +16,7 @@ fn stories_prompts(dir: &Path) -> PathBuf {
 
 fn diff_json(a: &Path, b: &Path, prompts: &Path) -> Value {
     let text = common::shared_data().join("text/tinystories-subset.txt");
-    let out = mechc()
+    let out = common::mechc()
         .arg("diff")
         .args([a, b])
         .arg("--prompts")
@@ -53,7 +46,7 @@ fn self_diff_is_exactly_zero() {
     assert_eq!(t["perplexity_a"], t["perplexity_b"], "identical perplexities");
     assert_eq!(t["all"]["kl_max"].as_f64(), Some(0.0));
     // Same perplexity as `eval perplexity` with the same settings (disjoint windows).
-    let out = mechc()
+    let out = common::mechc()
         .args(["eval", "perplexity", "--model"])
         .arg(&g)
         .arg("--text")
@@ -106,14 +99,14 @@ fn report_and_bad_input() {
     let prompts = stories_prompts(tmp.path());
     let g = common::stories_gguf();
     let report = tmp.path().join("r.html");
-    mechc().arg("diff").args([&g, &g]).arg("--prompts").arg(&prompts).arg("--report").arg(&report).assert().success();
+    common::mechc().arg("diff").args([&g, &g]).arg("--prompts").arg(&prompts).arg("--report").arg(&report).assert().success();
     let html = std::fs::read_to_string(&report).unwrap();
     assert!(html.contains("<svg") && html.contains("top-1 agreement"));
     // Neither prompts nor text; a field on a list of strings: one-line errors, no report.
-    let out = mechc().arg("diff").args([&g, &g]).output().unwrap();
+    let out = common::mechc().arg("diff").args([&g, &g]).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--prompts"));
     let bad = tmp.path().join("r2.html");
-    let out = mechc()
+    let out = common::mechc()
         .arg("diff")
         .args([&g, &g])
         .arg("--prompts")

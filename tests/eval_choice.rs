@@ -13,36 +13,20 @@ use mechc::verify::choice::{self, ChoiceItem, ChoiceOpts};
 use mechc::verify::score;
 use serde_json::Value;
 
-const QWEN: &str = "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf";
-const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn cache() -> PathBuf {
-    std::env::var_os("MECHC_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache"))
-}
-
-fn model(name: &str) -> Option<PathBuf> {
-    let p = cache().join("models").join(name);
-    if p.is_file() {
-        Some(p)
-    } else {
-        eprintln!("SKIPPED: {} is missing (run scripts/fetch_models.sh or set MECHC_CACHE)", p.display());
-        None
-    }
-}
 
 fn items_file() -> PathBuf {
     common::shared_data().join("prompts/refusal/caa_refusal_test_ab.json")
 }
 
 fn load(name: &str) -> Option<mechc::io::Loaded> {
-    let path = model(name)?;
-    std::env::set_var("MECHC_CACHE", cache());
+    let path = common::registry_model(name)?;
+    std::env::set_var("MECHC_CACHE", common::cache());
     Some(mechc::io::load(&path, false).unwrap())
 }
 
 #[test]
 fn smollm2_scores_are_probabilities_and_swap_to_one_minus() {
-    let Some(m) = load(SMOL) else { return };
+    let Some(m) = load(common::SMOLLM2) else { return };
     let tok = m.tok().unwrap();
     let items = choice::load_items(&items_file(), 0).unwrap();
     assert_eq!(items.len(), 50);
@@ -103,7 +87,7 @@ fn smollm2_scores_are_probabilities_and_swap_to_one_minus() {
 #[test]
 fn joint_mode_equals_default_where_the_tokenizer_splits_and_uses_merged_tokens_where_not() {
     let items = choice::load_items(&items_file(), 6).unwrap();
-    if let Some(m) = load(SMOL) {
+    if let Some(m) = load(common::SMOLLM2) {
         let tok = m.tok().unwrap();
         let a = choice::choice_eval(&m.model, tok, &items, &ChoiceOpts::default()).unwrap();
         let b = choice::choice_eval(&m.model, tok, &items, &ChoiceOpts { joint: true, ..Default::default() }).unwrap();
@@ -112,7 +96,7 @@ fn joint_mode_equals_default_where_the_tokenizer_splits_and_uses_merged_tokens_w
             assert!((x.logprob_matching - y.logprob_matching).abs() < 1e-4 && (x.score - y.score).abs() < 1e-4);
         }
     }
-    let Some(m) = load(QWEN) else { return };
+    let Some(m) = load(common::QWEN) else { return };
     let tok = m.tok().unwrap();
     let t = Instant::now();
     let a = choice::choice_eval(&m.model, tok, &items, &ChoiceOpts::default()).unwrap();
@@ -143,9 +127,9 @@ fn joint_mode_equals_default_where_the_tokenizer_splits_and_uses_merged_tokens_w
 /// "A" and "B" are single tokens for both tokenizers, and the letters the report names decode back.
 #[test]
 fn letters_are_single_tokens_for_both_tokenizers() {
-    for name in [SMOL, QWEN] {
-        let Some(path) = model(name) else { continue };
-        std::env::set_var("MECHC_CACHE", cache());
+    for name in [common::SMOLLM2, common::QWEN] {
+        let Some(path) = common::registry_model(name) else { continue };
+        std::env::set_var("MECHC_CACHE", common::cache());
         let dir = mechc::io::resolve(&path, false).unwrap();
         let tok = mechc::tokenizer::Tok::from_dir(&dir).unwrap();
         for l in ["A", "B"] {
@@ -161,10 +145,10 @@ fn letters_are_single_tokens_for_both_tokenizers() {
 
 #[test]
 fn cli_json_and_bad_items() {
-    let Some(smol) = model(SMOL) else { return };
+    let Some(smol) = common::registry_model(common::SMOLLM2) else { return };
     let out = Command::cargo_bin("mechc")
         .unwrap()
-        .env("MECHC_CACHE", cache())
+        .env("MECHC_CACHE", common::cache())
         .args(["-q", "eval", "choice", "--limit", "5", "--json", "--model"])
         .arg(&smol)
         .arg("--items")
@@ -182,7 +166,7 @@ fn cli_json_and_bad_items() {
     std::fs::write(&bad, r#"[{"question": "q?", "answer_matching_behavior": "(A)"}]"#).unwrap();
     let out = Command::cargo_bin("mechc")
         .unwrap()
-        .env("MECHC_CACHE", cache())
+        .env("MECHC_CACHE", common::cache())
         .args(["-q", "eval", "choice", "--model"])
         .arg(&smol)
         .arg("--items")

@@ -11,34 +11,13 @@ mod common;
 
 use std::path::PathBuf;
 
-use assert_cmd::Command;
-
-fn cache() -> PathBuf {
-    std::env::var_os("MECHC_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache"))
-}
-
-fn smollm2() -> Option<PathBuf> {
-    let p = cache().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("SKIPPED: {} is missing", p.display());
-        None
-    }
-}
 
 fn counterfact() -> PathBuf {
     common::shared_data().join("prompts/counterfact/counterfact-edit.json")
 }
 
-fn mechc() -> Command {
-    let mut c = Command::cargo_bin("mechc").unwrap();
-    c.env("MECHC_CACHE", cache()).env("MECHC_SHARED_DATA", common::shared_data()).args(["-q", "--no-progress"]);
-    c
-}
-
 fn run_json(args: &[&str]) -> serde_json::Value {
-    let out = mechc().args(args).output().unwrap();
+    let out = common::mechc().args(args).output().unwrap();
     assert!(out.status.success(), "mechc {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -50,7 +29,7 @@ fn run_json(args: &[&str]) -> serde_json::Value {
 /// prefers them on only a minority of prompts; a small model is closer to a coin flip.
 #[test]
 fn unedited_model_rarely_prefers_the_counterfactual() {
-    let Some(model) = smollm2() else { return };
+    let Some(model) = common::registry_model(common::SMOLLM2) else { return };
     let r = run_json(&["eval", "edit", "--model", model.to_str().unwrap(), "--limit", "100", "--json"]);
     let m = &r["model"];
     assert_eq!(m["n"], 100);
@@ -81,7 +60,7 @@ fn unedited_model_rarely_prefers_the_counterfactual() {
 /// A model compared with itself: every delta is exactly 0 (same forward, same batching).
 #[test]
 fn source_equal_to_model_gives_zero_deltas() {
-    let Some(model) = smollm2() else { return };
+    let Some(model) = common::registry_model(common::SMOLLM2) else { return };
     let m = model.to_str().unwrap();
     let cf = counterfact();
     let r = run_json(&["eval", "edit", "--model", m, "--source", m, "--records", cf.to_str().unwrap(), "--ids", "0,4,7,13", "--json"]);
@@ -101,37 +80,25 @@ fn source_equal_to_model_gives_zero_deltas() {
         }
     }
     // The human table prints both rows and the delta.
-    let out = mechc().args(["eval", "edit", "--model", m, "--source", m, "--records", cf.to_str().unwrap(), "--limit", "3"]).output().unwrap();
+    let out = common::mechc().args(["eval", "edit", "--model", m, "--source", m, "--records", cf.to_str().unwrap(), "--limit", "3"]).output().unwrap();
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && s.contains("delta (model − source)") && s.contains("Neighbourhood"), "{s}");
 }
 
-/// Run, expect failure; check the one-line error mentions every needle.
-fn fails(cmd: &mut Command, needles: &[&str]) {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "expected failure; stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "expected one line, got: {err}");
-    for n in needles {
-        assert!(err.contains(n), "error {err:?} should mention {n:?}");
-    }
-}
-
 #[test]
 fn missing_record_field_is_a_one_line_error() {
-    let Some(model) = smollm2() else { return };
+    let Some(model) = common::registry_model(common::SMOLLM2) else { return };
     let d = tempfile::tempdir().unwrap();
     let recs = d.path().join("few.json");
     std::fs::write(&recs, r#"[{"case_id": 1, "prompt": "The capital of France is", "target_new": "Rome", "ground_truth": "Paris",
         "rephrase_prompt": "France's capital city is", "locality_prompt": "The capital of Germany is"}]"#)
     .unwrap();
     let (m, r) = (model.to_str().unwrap(), recs.to_str().unwrap());
-    fails(mechc().args(["eval", "edit", "--model", m, "--records", r]), &["few.json", "locality_ground_truth", "missing"]);
+    common::fails(common::mechc().args(["eval", "edit", "--model", m, "--records", r]), &["few.json", "locality_ground_truth", "missing"]);
     // A remapped field name that does not exist.
-    fails(mechc().args(["eval", "edit", "--model", m, "--records", r, "--true-field", "answer"]), &["few.json", "`answer`"]);
+    common::fails(common::mechc().args(["eval", "edit", "--model", m, "--records", r, "--true-field", "answer"]), &["few.json", "`answer`"]);
     // An id that no record has.
-    fails(mechc().args(["eval", "edit", "--model", m, "--records", r, "--ids", "2"]), &["few.json", "case_id", "2"]);
+    common::fails(common::mechc().args(["eval", "edit", "--model", m, "--records", r, "--ids", "2"]), &["few.json", "case_id", "2"]);
     // A records file that does not exist.
-    fails(mechc().args(["eval", "edit", "--model", m, "--records", "/nonexistent/cf.json"]), &["/nonexistent/cf.json"]);
+    common::fails(common::mechc().args(["eval", "edit", "--model", m, "--records", "/nonexistent/cf.json"]), &["/nonexistent/cf.json"]);
 }

@@ -5,17 +5,10 @@ mod common;
 
 use std::path::Path;
 
-use assert_cmd::Command;
-
-fn mechc() -> Command {
-    let mut c = Command::cargo_bin("mechc").unwrap();
-    c.env("MECHC_CACHE", std::env::temp_dir().join("mechc-test-cache")).arg("-q");
-    c
-}
 
 fn report_of(args: &[&str], path: &Path) -> String {
     let g = common::stories_gguf();
-    mechc().arg("eval").arg(args[0]).arg("--model").arg(&g).args(&args[1..]).arg("--report").arg(path).assert().success();
+    common::mechc().arg("eval").arg(args[0]).arg("--model").arg(&g).args(&args[1..]).arg("--report").arg(path).assert().success();
     let html = std::fs::read_to_string(path).unwrap();
     assert!(html.starts_with("<!DOCTYPE html>") && html.trim_end().ends_with("</html>"), "{}", &html[..200.min(html.len())]);
     html

@@ -7,37 +7,15 @@
 
 mod common;
 
-use std::path::PathBuf;
 
-use assert_cmd::Command;
 use mechc::verify::steer::{self, SteerMetric, SteerOpts};
 
 const LAYER: usize = 15; // the middle of SmolLM2's 30 layers
 const N: usize = 32; // prompts per set for the direction
 
-fn cache() -> PathBuf {
-    std::env::var_os("MECHC_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache"))
-}
-
-fn smollm2() -> Option<PathBuf> {
-    let p = cache().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("SKIPPED: {} is missing", p.display());
-        None
-    }
-}
-
 fn sentiment(name: &str) -> Vec<String> {
     let p = common::shared_data().join(format!("prompts/sentiment/{name}.json"));
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn mechc() -> Command {
-    let mut c = Command::cargo_bin("mechc").unwrap();
-    c.env("MECHC_CACHE", cache()).env("MECHC_SHARED_DATA", common::shared_data()).args(["-q", "--no-progress"]);
-    c
 }
 
 /// Direction from the first N scenarios of each set; the sweep runs on 48 held-out ones (the
@@ -53,8 +31,8 @@ fn mechc() -> Command {
 /// over-steering, which is why the assertions stop at c = 2 and this suffix is not used.
 #[test]
 fn happiness_direction_steers_monotonically() {
-    let Some(model_path) = smollm2() else { return };
-    std::env::set_var("MECHC_CACHE", cache());
+    let Some(model_path) = common::registry_model(common::SMOLLM2) else { return };
+    std::env::set_var("MECHC_CACHE", common::cache());
     let loaded = mechc::io::load(&model_path, false).unwrap();
     let (model, tok) = (&loaded.model, loaded.tok().unwrap());
     let (happy, sad) = (sentiment("happiness"), sentiment("sadness"));
@@ -110,7 +88,7 @@ fn happiness_direction_steers_monotonically() {
     steer::save_direction(&dir_file, "happiness", &v).unwrap();
     let prompts_file = d.path().join("held_out.json");
     std::fs::write(&prompts_file, serde_json::to_string(&held_out).unwrap()).unwrap();
-    let out = mechc()
+    let out = common::mechc()
         .args(["eval", "steer", "--model", model_path.to_str().unwrap(), "--direction", dir_file.to_str().unwrap()])
         .args(["--layer", &LAYER.to_string(), "--coeffs", "-1,0,1", "--prompts", prompts_file.to_str().unwrap()])
         .args(["--metric", "target", "--target", " happy", "--json"])
@@ -128,20 +106,9 @@ fn happiness_direction_steers_monotonically() {
     assert!(close(&pts[0]["projection"], r.points[1].projection));
 }
 
-fn fails(cmd: &mut Command, needles: &[&str]) {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "expected failure; stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "expected one line, got: {err}");
-    for n in needles {
-        assert!(err.contains(n), "error {err:?} should mention {n:?}");
-    }
-}
-
 #[test]
 fn bad_directions_and_arguments() {
-    let Some(model) = smollm2() else { return };
+    let Some(model) = common::registry_model(common::SMOLLM2) else { return };
     let d = tempfile::tempdir().unwrap();
     let dev = candle_core::Device::Cpu;
     let wrong = d.path().join("wrong.safetensors");
@@ -152,7 +119,7 @@ fn bad_directions_and_arguments() {
     std::fs::write(&prompts, r#"["You find a lost puppy.", "It rains all day."]"#).unwrap();
     let m = model.to_str().unwrap();
     let run = |dir: String, extra: &[&str]| {
-        let mut c = mechc();
+        let mut c = common::mechc();
         c.args(["eval", "steer", "--model", m, "--direction", &dir, "--prompts", prompts.to_str().unwrap()]);
         if !extra.contains(&"--layer") {
             c.args(["--layer", "3"]);
@@ -162,13 +129,13 @@ fn bad_directions_and_arguments() {
     };
     let w = wrong.to_str().unwrap().to_string();
     let r = right.to_str().unwrap().to_string();
-    fails(&mut run(w.clone(), &[]), &["wrong.safetensors", "[100]", "[576]"]);
-    fails(&mut run(format!("{r}:nope"), &[]), &["right.safetensors", "`nope`", "dir"]);
-    fails(&mut run(r.clone(), &["--layer", "30"]), &["30", "layers"]);
-    fails(&mut run(r.clone(), &["--metric", "target"]), &["--target"]);
-    fails(&mut run("/nonexistent/v.safetensors".into(), &[]), &["/nonexistent/v.safetensors"]);
-    let mut c = mechc();
+    common::fails(&mut run(w.clone(), &[]), &["wrong.safetensors", "[100]", "[576]"]);
+    common::fails(&mut run(format!("{r}:nope"), &[]), &["right.safetensors", "`nope`", "dir"]);
+    common::fails(&mut run(r.clone(), &["--layer", "30"]), &["30", "layers"]);
+    common::fails(&mut run(r.clone(), &["--metric", "target"]), &["--target"]);
+    common::fails(&mut run("/nonexistent/v.safetensors".into(), &[]), &["/nonexistent/v.safetensors"]);
+    let mut c = common::mechc();
     c.args(["eval", "steer", "--model", m, "--direction", &r, "--layer", "3", "--prompts"]);
     c.arg(format!("{}:text", prompts.display()));
-    fails(&mut c, &["p.json", "`text`"]);
+    common::fails(&mut c, &["p.json", "`text`"]);
 }

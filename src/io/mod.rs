@@ -76,7 +76,11 @@ pub fn resolve(path: &Path, show_progress: bool) -> Result<PathBuf> {
         return Ok(dir);
     }
     log::info!("importing {} into {}", path.display(), dir.display());
-    gguf::import(path, &dir, candle_core::DType::F32, false, show_progress)
+    match gguf::import(path, &dir, candle_core::DType::F32, false, show_progress) {
+        // Another process imported the same file meanwhile (directories appear whole).
+        Err(_) if dir.join("config.json").exists() => Ok(dir),
+        other => other,
+    }
 }
 
 impl Loaded {

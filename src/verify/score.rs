@@ -10,7 +10,7 @@ use candle_core::{IndexOp, D};
 use crate::error::{Error, Result};
 use crate::model::decoder::Fwd;
 use crate::model::Model;
-use crate::runtime::{Batch, Hooks};
+use crate::runtime::{Batch, HookPoint, Hooks};
 
 /// Indices of `lens` in chunks of at most `batch`, each chunk holding similar lengths.
 pub fn length_batches(lens: &[usize], batch: usize) -> Vec<Vec<usize>> {
@@ -28,17 +28,39 @@ pub fn next_token_logprobs(
     hooks: &mut Hooks,
     mut f: impl FnMut(usize, &[f32]) -> Result<()>,
 ) -> Result<()> {
+    last_token(model, prompts, batch, hooks, None, |i, lp, _| f(i, lp))
+}
+
+/// Like [`next_token_logprobs`], and also hands `f` the last token's activation at `capture`
+/// (flattened), when given.
+pub fn last_token(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    batch: usize,
+    hooks: &Hooks,
+    capture: Option<HookPoint>,
+    mut f: impl FnMut(usize, &[f32], Option<&[f32]>) -> Result<()>,
+) -> Result<()> {
     if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
         return Err(Error::invalid(format!("prompt {i} has no tokens")));
     }
     let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
     for chunk in length_batches(&lens, batch) {
         let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-        let logits = model.forward(&Batch::right_padded(&seqs, 0), None, hooks, Fwd::default())?;
+        let mut h = hooks.clone();
+        if let Some(p) = capture {
+            h.capture(p);
+        }
+        let logits = model.forward(&Batch::right_padded(&seqs, 0), None, &mut h, Fwd::default())?;
+        let act = match capture {
+            Some(p) => Some(h.captured.get(&p).ok_or_else(|| Error::invalid(format!("{p} was not captured")))?),
+            None => None,
+        };
         for (r, &i) in chunk.iter().enumerate() {
-            let row = logits.i((r, lens[i] - 1))?;
-            let lp = candle_nn::ops::log_softmax(&row, D::Minus1)?.to_vec1::<f32>()?;
-            f(i, &lp)?;
+            let last = lens[i] - 1;
+            let lp = candle_nn::ops::log_softmax(&logits.i((r, last))?, D::Minus1)?.to_vec1::<f32>()?;
+            let a = act.map(|a| a.i((r, last))?.flatten_all()?.to_vec1::<f32>()).transpose()?;
+            f(i, &lp, a.as_deref())?;
         }
     }
     Ok(())

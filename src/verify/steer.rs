@@ -17,16 +17,15 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::data::SetSpec;
 use crate::error::{Error, Result, WithPath};
-use crate::model::decoder::Fwd;
 use crate::model::Model;
-use crate::runtime::{Batch, HookPoint, Hooks, Op};
+use crate::runtime::{HookPoint, Hooks, Op};
 use crate::tokenizer::Tok;
-use crate::verify::score::{kl, length_batches};
+use crate::verify::score::kl;
 
 /// A steering direction from a safetensors file: `FILE[:TENSOR]`, a 1-D float tensor of
 /// `d_model` values (returned as f32). Without a tensor name the file must hold one tensor.
@@ -70,36 +69,6 @@ pub fn save_direction(path: &Path, name: &str, v: &Tensor) -> Result<()> {
     candle_core::safetensors::save(&std::collections::HashMap::from([(name.to_string(), v.clone())]), path).with_path(path)
 }
 
-/// Run prompts in length-grouped right-padded batches with `hooks`, and call
-/// `f(i, next-token log-probs, last-token activation at `capture`)` for every prompt.
-fn last_token_pass(
-    model: &Model,
-    prompts: &[Vec<u32>],
-    batch: usize,
-    hooks: &Hooks,
-    capture: HookPoint,
-    mut f: impl FnMut(usize, Vec<f32>, Vec<f32>) -> Result<()>,
-) -> Result<()> {
-    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
-        return Err(Error::invalid(format!("prompt {i} has no tokens")));
-    }
-    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
-    for chunk in length_batches(&lens, batch) {
-        let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-        let mut h = hooks.clone();
-        h.capture(capture);
-        let logits = model.forward(&Batch::right_padded(&seqs, 0), None, &mut h, Fwd::default())?;
-        let act = h.captured.get(&capture).ok_or_else(|| Error::invalid(format!("{capture} was not captured")))?;
-        for (r, &i) in chunk.iter().enumerate() {
-            let last = lens[i] - 1;
-            let lp = candle_nn::ops::log_softmax(&logits.i((r, last))?, D::Minus1)?.to_vec1::<f32>()?;
-            let a = act.i((r, last))?.flatten_all()?.to_vec1::<f32>()?;
-            f(i, lp, a)?;
-        }
-    }
-    Ok(())
-}
-
 fn check_layer(model: &Model, layer: usize, what: &str) -> Result<()> {
     let n = model.cfg.num_layers;
     if layer >= n {
@@ -120,8 +89,9 @@ pub fn mean_diff_direction(model: &Model, tok: &Tok, pos: &[String], neg: &[Stri
     let mean = |texts: &[String]| -> Result<Vec<f64>> {
         let ids = tok.prompts_ids(texts, chat)?;
         let mut sum = vec![0f64; d];
-        last_token_pass(model, &ids, 16, &Hooks::new(), HookPoint::ResidPost(layer), |_, _, a| {
-            sum.iter_mut().zip(&a).for_each(|(s, &x)| *s += x as f64);
+        crate::verify::score::last_token(model, &ids, 16, &Hooks::new(), Some(HookPoint::ResidPost(layer)), |_, _, a| {
+            let a = a.expect("captured");
+            sum.iter_mut().zip(a).for_each(|(s, &x)| *s += x as f64);
             Ok(())
         })?;
         Ok(sum.into_iter().map(|s| s / texts.len() as f64).collect())
@@ -250,8 +220,8 @@ pub fn steer_sweep(
 
     // The unsteered pass: reference distributions for the KL.
     let mut base: Vec<Vec<f32>> = vec![vec![]; n];
-    last_token_pass(model, prompts, o.batch, &Hooks::new(), point, |i, lp, _| {
-        base[i] = lp;
+    crate::verify::score::last_token(model, prompts, o.batch, &Hooks::new(), None, |i, lp, _| {
+        base[i] = lp.to_vec();
         Ok(())
     })?;
     progress(1, total);
@@ -262,9 +232,10 @@ pub fn steer_sweep(
         hooks.intervene(HookPoint::ResidPost(o.layer), Op::Add((&v * c)?));
         let (mut proj, mut kls) = (0f64, vec![0f64; n]);
         let mut tl = vec![(0f64, 0f64); o.targets.len()];
-        last_token_pass(model, prompts, o.batch, &hooks, point, |i, lp, a| {
+        crate::verify::score::last_token(model, prompts, o.batch, &hooks, Some(point), |i, lp, a| {
+            let a = a.expect("captured");
             proj += a.iter().zip(&unit).map(|(&x, &u)| x as f64 * u).sum::<f64>();
-            kls[i] = kl(&base[i], &lp);
+            kls[i] = kl(&base[i], lp);
             for (t, acc) in o.targets.iter().zip(tl.iter_mut()) {
                 let l = lp[t.token_id as usize] as f64;
                 acc.0 += l;
@@ -338,7 +309,10 @@ pub fn table(r: &SteerReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::decoder::Fwd;
+    use candle_core::{IndexOp, D};
     use crate::model::random::{random_model, RandomSpec};
+    use crate::runtime::Batch;
 
     fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
