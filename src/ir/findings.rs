@@ -183,8 +183,12 @@ impl Findings {
         for x in &self.scores {
             let mut line = format!("{:<w$}  {}", x.component.to_string(), fmt_score(x.score));
             for (k, v) in &x.extra {
-                if !(v.is_array() || v.is_object()) {
-                    line.push_str(&format!("  {k}={v}"));
+                match v {
+                    Value::Number(n) if !n.is_i64() && !n.is_u64() => {
+                        line.push_str(&format!("  {k}={}", fmt_score(n.as_f64().unwrap_or(f64::NAN))))
+                    }
+                    Value::Array(_) | Value::Object(_) => {}
+                    _ => line.push_str(&format!("  {k}={v}")),
                 }
             }
             s.push_str(line.trim_end());

@@ -40,7 +40,7 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::runtime::HookPoint;
 
-pub use findings::{Findings, Score};
+pub use findings::{Findings, Score, Source};
 
 /// One component of a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
