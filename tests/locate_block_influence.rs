@@ -68,9 +68,10 @@ fn removing_the_lowest_bi_layer_hurts_least() {
          without L{highest} {p_high:.2}, random {p_rand:?} (median {median:.2})",
         r.bi[lowest], r.bi[highest]
     );
-    // Measured (SmolLM2-135M-Instruct Q4_1, 2048 calibration tokens, 1024 held-out tokens,
-    // seq 256): BI lowest L14 0.0267, highest L0 0.9769; ppl base 14.6, without L14 15.5, without
-    // L0 ~1e4, random-layer median ~16.6. See the eprintln above for the current run.
+    // Measured (SmolLM2-135M-Instruct Q4_1, 2048 calibration tokens, the next 1024 held out, seq 256):
+    // BI lowest L14 0.0267, highest L0 0.9769; ppl base 34.06, without L14 40.79, without L0 115490,
+    // random layers 17/12/15/21/20 → 37.70/39.05/41.93/43.11/51.36 (median 41.93). The margin over the
+    // median is small: BI is a heuristic, and two of the random layers hurt less than L14.
     assert!(
         p_low >= base * 0.99,
         "removing a layer should not help much: {p_low} vs {base}"

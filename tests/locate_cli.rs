@@ -8,11 +8,9 @@ use std::process::Command;
 use mechc::ir::{Component, Findings};
 
 fn mechc(args: &[&str]) -> std::process::Output {
-    let cache = std::env::var_os("MECHC_CACHE").unwrap_or_else(|| {
-        std::env::temp_dir()
-            .join(format!("mechc-locate-cli-cache-{}", std::process::id()))
-            .into()
-    });
+    // The project's import cache (the GGUF is imported once), unless the environment names one.
+    let cache =
+        std::env::var_os("MECHC_CACHE").unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache").into());
     Command::new(env!("CARGO_BIN_EXE_mechc"))
         .args(args)
         .env("MECHC_CACHE", cache)

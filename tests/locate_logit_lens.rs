@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use candle_core::{IndexOp, D};
+use candle_core::IndexOp;
 use mechc::locate::logit_lens::logit_lens;
 use mechc::model::decoder::Fwd;
 use mechc::runtime::{Batch, Hooks};
@@ -30,9 +30,11 @@ fn last_layer_of_the_lens_is_the_models_prediction() {
         .model
         .forward(&Batch::single(&ids), None, &mut Hooks::new(), Fwd::default())
         .unwrap();
-    let probs = candle_nn::ops::softmax(&logits.i((0, ids.len() - 1)).unwrap(), D::Minus1).unwrap();
-    let p_model = probs.to_vec1::<f32>().unwrap()[target as usize] as f64;
-    let argmax = probs.argmax(D::Minus1).unwrap().to_scalar::<u32>().unwrap();
+    let row = logits.i((0, ids.len() - 1)).unwrap().to_vec1::<f32>().unwrap();
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let z: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+    let p_model = (row[target as usize] as f64 - max).exp() / z;
+    let argmax = (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap() as u32;
     let last = rows.last().unwrap();
     eprintln!(
         "p(\" Paris\"): lens last layer {:.6}, model {:.6}; ranks {:?}",
