@@ -10,6 +10,8 @@ pub mod compile;
 pub mod data;
 pub mod error;
 pub mod io;
+pub mod ir;
+pub mod locate;
 pub mod model;
 pub mod progress;
 pub mod report;

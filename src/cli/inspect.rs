@@ -18,6 +18,11 @@ pub struct InspectArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+    /// Print the component IR instead (loads the weights, so pruned per-layer widths show):
+    /// one line per block (`L3 heads=9 kv=3 d_ff=1536 attn=... mlp=... norm=...`); its heads
+    /// `L3.H0..` and neurons `L3.N0..` are implied, not listed. With --json, the IR as JSON.
+    #[arg(long)]
+    pub ir: bool,
 }
 
 fn kind(role: TensorRole) -> &'static str {
@@ -36,6 +41,16 @@ fn kind(role: TensorRole) -> &'static str {
 }
 
 pub fn run(a: InspectArgs, g: &Global) -> anyhow::Result<()> {
+    if a.ir {
+        let loaded = crate::io::load(&a.model, g.progress())?;
+        let ir = crate::ir::Ir::from_model(&loaded.model);
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&ir)?);
+        } else {
+            print!("{}", ir.to_text());
+        }
+        return Ok(());
+    }
     let dir = crate::io::resolve(&a.model, g.progress())?;
     let cfg = crate::io::hf::read_config(&dir)?;
     let shards = crate::io::hf::Shards::open(&dir)?;

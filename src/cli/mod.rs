@@ -7,6 +7,7 @@ pub mod eval;
 pub mod generate;
 pub mod import;
 pub mod inspect;
+pub mod locate;
 pub mod passes;
 pub mod random_model;
 pub mod tokenize;
@@ -52,6 +53,7 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     Generate(generate::GenerateArgs),
     Trace(trace::TraceArgs),
+    Locate(locate::LocateArgs),
     Diff(diff::DiffArgs),
     Compile(compile::CompileArgs),
     Passes(passes::PassesArgs),
@@ -79,6 +81,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => inspect::run(a, &g),
         Command::Generate(a) => generate::run(a, &g),
         Command::Trace(a) => trace::run(a, &g),
+        Command::Locate(a) => locate::run(a, &g),
         Command::Diff(a) => diff::run(a, &g),
         Command::Compile(a) => compile::run(a, &g),
         Command::Passes(a) => passes::run(a, &g),

@@ -45,7 +45,19 @@ pub fn windows(n: usize, seq_len: usize, stride: usize) -> Vec<(usize, usize, us
     out
 }
 
-pub fn perplexity(model: &Model, ids: &[u32], seq_len: usize, stride: usize, mut progress: impl FnMut(usize, usize)) -> Result<Perplexity> {
+pub fn perplexity(model: &Model, ids: &[u32], seq_len: usize, stride: usize, progress: impl FnMut(usize, usize)) -> Result<Perplexity> {
+    perplexity_with_hooks(model, ids, seq_len, stride, &Hooks::new(), progress)
+}
+
+/// Perplexity with interventions applied in every window (e.g. a skipped block).
+pub fn perplexity_with_hooks(
+    model: &Model,
+    ids: &[u32],
+    seq_len: usize,
+    stride: usize,
+    hooks: &Hooks,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Perplexity> {
     if seq_len < 2 || stride == 0 || stride > seq_len {
         return Err(Error::invalid(format!("need seq_len ≥ 2 and 0 < stride ≤ seq_len (got {seq_len}, {stride})")));
     }
@@ -57,7 +69,7 @@ pub fn perplexity(model: &Model, ids: &[u32], seq_len: usize, stride: usize, mut
     for (w, &(begin, end, first)) in ws.iter().enumerate() {
         progress(w, ws.len());
         let window = &ids[begin..end];
-        let logits = model.forward(&Batch::single(window), None, &mut Hooks::new(), Fwd::default())?.squeeze(0)?;
+        let logits = model.forward(&Batch::single(window), None, &mut hooks.clone(), Fwd::default())?.squeeze(0)?;
         // Token j is predicted by the logits at j − 1.
         let lp = candle_nn::ops::log_softmax(&logits.i(first - 1..window.len() - 1)?, D::Minus1)?;
         let lp = lp.to_vec2::<f32>()?;

@@ -1,0 +1,57 @@
+//! `mechc locate METHOD`: score components and write findings, one file per method.
+
+pub mod block_influence;
+pub mod logit_lens;
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+
+use super::Global;
+use crate::ir::Findings;
+
+/// Find where a behaviour lives: score the model's components with a method and write the
+/// findings (JSON, with the method, options, model hash and data hash) for passes to select from.
+/// Scores print one per line in the IR notation (`L12  0.4120`).
+#[derive(Args, Debug)]
+pub struct LocateArgs {
+    #[command(subcommand)]
+    pub method: Method,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Method {
+    BlockInfluence(block_influence::BlockInfluenceArgs),
+    LogitLens(logit_lens::LogitLensArgs),
+}
+
+pub fn run(a: LocateArgs, g: &Global) -> anyhow::Result<()> {
+    match a.method {
+        Method::BlockInfluence(a) => block_influence::run(a, g),
+        Method::LogitLens(a) => logit_lens::run(a, g),
+    }
+}
+
+/// Refuse to overwrite an output unless forced; checked before the (long) run.
+fn check_out(out: Option<&Path>, force: bool) -> anyhow::Result<()> {
+    if let Some(p) = out {
+        if p.exists() && !force {
+            return Err(crate::Error::output(p, "already exists (pass --force to replace it)").into());
+        }
+    }
+    Ok(())
+}
+
+/// Print the findings (unless quiet) and write them if asked.
+fn finish(f: &Findings, out: Option<&PathBuf>, g: &Global) -> anyhow::Result<()> {
+    if !g.quiet {
+        print!("{}", f.to_text());
+    }
+    if let Some(p) = out {
+        f.write(p)?;
+        if !g.quiet {
+            eprintln!("wrote {}", p.display());
+        }
+    }
+    Ok(())
+}
