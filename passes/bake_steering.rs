@@ -158,7 +158,7 @@ fn build(t: &toml::Table, m: &Model) -> Result<Box<dyn Pass>> {
             )?;
             if m.cfg.arch != Arch::Llama {
                 return Err(invalid(format!(
-                    "mode = \"add\" is Llama-only: HF's {} has no MLP or o_proj bias to bake the vector into (use mode = \"ablate\")",
+                    "mode = \"add\" is Llama-only: HF's {} has no MLP or o_proj bias to bake into (use mode = \"ablate\")",
                     m.cfg.arch.name()
                 )));
             }
@@ -191,7 +191,7 @@ fn build(t: &toml::Table, m: &Model) -> Result<Box<dyn Pass>> {
             let control_vector = match &o.control_vector {
                 Some(p) if layer == 0 => {
                     return Err(invalid(format!(
-                        "`control_vector` = \"{p}\": llama.cpp control vectors cannot steer block 0's output (direction.0 is invalid)"
+                        "`control_vector` = \"{p}\": llama.cpp cannot steer block 0's output (direction.0 is invalid)"
                     )))
                 }
                 Some(p) => Some(resolve_path(p)),
