@@ -6,6 +6,7 @@
 //! read from the pipeline's `[[pass]]` table (`deny_unknown_fields`), and `build`, which checks
 //! the options against the model and returns the [`Pass`].
 
+pub mod bake_steering;
 pub mod skip_layers;
 
 use crate::error::Result;
@@ -19,6 +20,12 @@ pub trait Pass {
     /// The runtime intervention on the source model that this pass compiles into weights:
     /// forward(run(source)) == forward(source, twin) (exactly, up to float rounding).
     fn twin(&self, source: &Model) -> Result<Hooks>;
+    /// Files the pass exports besides the checkpoint (path, bytes), e.g. a llama.cpp control
+    /// vector. The driver writes them after the checkpoint, each atomically, and never on a
+    /// dry run or a failed budget.
+    fn side_files(&self) -> Result<Vec<(std::path::PathBuf, Vec<u8>)>> {
+        Ok(vec![])
+    }
 }
 
 /// A registry entry.
@@ -33,7 +40,7 @@ pub struct PassInfo {
     pub example: fn(&Model, u64) -> Option<toml::Table>,
 }
 
-pub const REGISTRY: &[PassInfo] = &[skip_layers::INFO];
+pub const REGISTRY: &[PassInfo] = &[skip_layers::INFO, bake_steering::INFO];
 
 pub fn find(name: &str) -> Option<&'static PassInfo> {
     REGISTRY.iter().find(|p| p.name == name)
@@ -50,4 +57,27 @@ pub fn names() -> String {
 /// Options of a pass from its `[[pass]]` table, with errors that say which option is wrong.
 pub fn options<T: serde::de::DeserializeOwned>(t: &toml::Table) -> Result<T> {
     T::deserialize(toml::Value::Table(t.clone())).map_err(|e| crate::Error::invalid(e.message().to_string()))
+}
+
+thread_local! {
+    static BASE_DIR: std::cell::RefCell<Option<std::path::PathBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Run `f` (a pass's `build`) with relative paths in options resolving against `dir` (the
+/// pipeline file's directory), as the pipeline's own paths do.
+pub fn with_base_dir<R>(dir: &std::path::Path, f: impl FnOnce() -> R) -> R {
+    let prev = BASE_DIR.with(|b| b.replace(Some(dir.to_path_buf())));
+    let r = f();
+    BASE_DIR.with(|b| *b.borrow_mut() = prev);
+    r
+}
+
+/// A path from a pass option: absolute as is; relative against the pipeline file's directory
+/// inside [`with_base_dir`], against the current directory otherwise.
+pub fn resolve_path(p: &str) -> std::path::PathBuf {
+    let p = std::path::Path::new(p);
+    match BASE_DIR.with(|b| b.borrow().clone()) {
+        Some(dir) if p.is_relative() => dir.join(p),
+        _ => p.to_path_buf(),
+    }
 }

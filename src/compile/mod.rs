@@ -90,7 +90,8 @@ impl Plan {
             let info = passes::find(&spec.name).ok_or_else(|| {
                 Error::config(&file.path, format!("pass[{i}].name"), format!("unknown pass `{}` (passes: {})", spec.name, passes::names()))
             })?;
-            let pass = (info.build)(&spec.options, source).map_err(|e| match e {
+            let base = file.path.parent().unwrap_or(std::path::Path::new("."));
+            let pass = passes::with_base_dir(base, || (info.build)(&spec.options, source)).map_err(|e| match e {
                 Error::Invalid(m) => Error::config(&file.path, format!("pass[{i}] ({})", spec.name), m),
                 other => other,
             })?;
@@ -216,7 +217,17 @@ impl Plan {
             "parameters": compiled.param_count(),
             "verify": verdict,
         });
-        emit::emit(compiled, source_dir, &self.out, &[&self.source_path, source_dir], &self.emit, &meta, manifest)
+        // Side files are built first (so their errors stop the compile before anything is
+        // written) and written after the checkpoint.
+        let mut side = vec![];
+        for (_, pass) in &self.passes {
+            side.extend(pass.side_files()?);
+        }
+        let out = emit::emit(compiled, source_dir, &self.out, &[&self.source_path, source_dir], &self.emit, &meta, manifest)?;
+        for (path, bytes) in side {
+            crate::io::atomic::write_file(&path, &bytes)?;
+        }
+        Ok(out)
     }
 }
 

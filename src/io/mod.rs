@@ -4,6 +4,7 @@
 //! imported once into a cache directory keyed by the file's SHA-256.
 
 pub mod atomic;
+pub mod control_vector;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod hf;
