@@ -6,6 +6,8 @@
 //! read from the pipeline's `[[pass]]` table (`deny_unknown_fields`), and `build`, which checks
 //! the options against the model and returns the [`Pass`].
 
+pub mod prune_heads;
+pub mod prune_neurons;
 pub mod skip_layers;
 
 use crate::error::Result;
@@ -33,7 +35,11 @@ pub struct PassInfo {
     pub example: fn(&Model, u64) -> Option<toml::Table>,
 }
 
-pub const REGISTRY: &[PassInfo] = &[skip_layers::INFO];
+pub const REGISTRY: &[PassInfo] = &[
+    skip_layers::INFO,
+    prune_neurons::INFO,
+    prune_heads::INFO,
+];
 
 pub fn find(name: &str) -> Option<&'static PassInfo> {
     REGISTRY.iter().find(|p| p.name == name)
