@@ -51,13 +51,26 @@ fn compile_and_check_twin(dir: &Path, name: &str, pass: &str) -> serde_json::Val
     let mut opts = table.clone();
     opts.remove("name");
     let built = (mechc::passes::find(&pass_name).unwrap().build)(&opts, &source.model).unwrap();
-    let ids = source.tok().unwrap().encode("Once upon a time, there was a little dog named Max. He liked to run", true).unwrap();
-    let got = compiled.model.forward(&Batch::single(&ids), None, &mut Hooks::new(), Fwd::default()).unwrap();
+    let ids = source
+        .tok()
+        .unwrap()
+        .encode("Once upon a time, there was a little dog named Max. He liked to run", true)
+        .unwrap();
+    let got = compiled
+        .model
+        .forward(&Batch::single(&ids), None, &mut Hooks::new(), Fwd::default())
+        .unwrap();
     let mut twin = built.twin(&source.model).unwrap();
-    let want = source.model.forward(&Batch::single(&ids), None, &mut twin, Fwd::default()).unwrap();
+    let want = source
+        .model
+        .forward(&Batch::single(&ids), None, &mut twin, Fwd::default())
+        .unwrap();
     let d = common::rel_diff(&got, &want);
     assert!(d <= 1e-5, "{name}: compiled vs twin rel diff {d}");
-    let plain = source.model.forward(&Batch::single(&ids), None, &mut Hooks::new(), Fwd::default()).unwrap();
+    let plain = source
+        .model
+        .forward(&Batch::single(&ids), None, &mut Hooks::new(), Fwd::default())
+        .unwrap();
     assert!(common::rel_diff(&got, &plain) > 1e-4, "{name}: the pass changed nothing");
     serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap()
 }
@@ -66,7 +79,12 @@ fn compile_and_check_twin(dir: &Path, name: &str, pass: &str) -> serde_json::Val
 fn calibration_ids(dir: &Path) -> PathBuf {
     let source = mechc::io::load(&common::stories_gguf(), false).unwrap();
     let text = std::fs::read_to_string(common::shared_data().join("text/tinystories-subset.txt")).unwrap();
-    let seqs: Vec<Vec<u32>> = text.lines().filter(|l| !l.trim().is_empty()).take(4).map(|l| source.tok().unwrap().encode(l, true).unwrap()).collect();
+    let seqs: Vec<Vec<u32>> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(4)
+        .map(|l| source.tok().unwrap().encode(l, true).unwrap())
+        .collect();
     let p = dir.join("calib.json");
     std::fs::write(&p, serde_json::to_string(&seqs).unwrap()).unwrap();
     p
@@ -85,15 +103,27 @@ fn uniform_neuron_pruning_keeps_a_stock_config() {
 fn mean_compensated_neuron_pruning_creates_mlp_biases() {
     let tmp = tempfile::tempdir().unwrap();
     let ids = calibration_ids(tmp.path());
-    let pass = format!("name = \"prune-neurons\"\nfraction = 0.25\ncompensate = \"mean\"\nmean_over = \"{}\"\ntokens = 400", ids.display());
+    let pass = format!(
+        "name = \"prune-neurons\"\nfraction = 0.25\ncompensate = \"mean\"\nmean_over = \"{}\"\ntokens = 400",
+        ids.display()
+    );
     let cfg = compile_and_check_twin(tmp.path(), "nm", &pass);
     assert_eq!(cfg["intermediate_size"], 129);
     assert_eq!(cfg["mlp_bias"], true);
     let st = mechc::io::st::StFile::open(&tmp.path().join("out-nm/model.safetensors")).unwrap();
-    let names = st.view().unwrap().names().into_iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let names = st
+        .view()
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>();
     for l in 0..5 {
         for p in ["gate_proj", "up_proj", "down_proj"] {
-            assert!(names.contains(&format!("model.layers.{l}.mlp.{p}.bias")), "missing {p} bias of layer {l}");
+            assert!(
+                names.contains(&format!("model.layers.{l}.mlp.{p}.bias")),
+                "missing {p} bias of layer {l}"
+            );
         }
     }
 }
@@ -102,7 +132,10 @@ fn mean_compensated_neuron_pruning_creates_mlp_biases() {
 fn uniform_head_pruning_keeps_a_stock_config() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = compile_and_check_twin(tmp.path(), "h", "name = \"prune-heads\"\nper_group = 1\nuniform = true");
-    assert_eq!((cfg["num_attention_heads"].as_u64(), cfg["num_key_value_heads"].as_u64()), (Some(4), Some(4)));
+    assert_eq!(
+        (cfg["num_attention_heads"].as_u64(), cfg["num_key_value_heads"].as_u64()),
+        (Some(4), Some(4))
+    );
     assert_eq!(cfg["head_dim"], 8);
     assert!(cfg.get("mechc_layer_num_attention_heads").is_none(), "{cfg}");
     // Mean compensation folds into o_proj biases (attention_bias = true, zero q/k/v biases).
@@ -126,11 +159,25 @@ fn non_uniform_head_and_neuron_pruning_load_in_our_runtime() {
     );
     assert_eq!(cfg["mechc_layer_num_attention_heads"], serde_json::json!([6, 8, 8, 4, 8]));
     assert_eq!(cfg["mechc_layer_num_key_value_heads"], serde_json::json!([3, 4, 4, 4, 4]));
-    let cfg = compile_and_check_twin(tmp.path(), "nn", "name = \"prune-neurons\"\nneurons = { \"1\" = [0, 5, 9], \"L4\" = [171] }");
-    assert_eq!(cfg["mechc_layer_intermediate_size"], serde_json::json!([172, 169, 172, 172, 171]));
+    let cfg = compile_and_check_twin(
+        tmp.path(),
+        "nn",
+        "name = \"prune-neurons\"\nneurons = { \"1\" = [0, 5, 9], \"L4\" = [171] }",
+    );
+    assert_eq!(
+        cfg["mechc_layer_intermediate_size"],
+        serde_json::json!([172, 169, 172, 172, 171])
+    );
     // `uniform = true` refuses what would need the extension.
-    let p = pipeline(tmp.path(), "u", "name = \"prune-neurons\"\nneurons = { \"1\" = [0] }\nuniform = true");
-    fails_with(mechc().arg("compile").arg(&p), &["pass[0] (prune-neurons)", "uniform = true", "different d_ff"]);
+    let p = pipeline(
+        tmp.path(),
+        "u",
+        "name = \"prune-neurons\"\nneurons = { \"1\" = [0] }\nuniform = true",
+    );
+    fails_with(
+        mechc().arg("compile").arg(&p),
+        &["pass[0] (prune-neurons)", "uniform = true", "different d_ff"],
+    );
 }
 
 #[test]

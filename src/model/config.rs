@@ -74,7 +74,8 @@ impl ModelConfig {
         let get = |k: &str, uniform: usize| {
             self.raw.get(k).and_then(|v| v.get(l)).and_then(Value::as_u64).map(|x| x as usize).unwrap_or(uniform)
         };
-        (get(LAYER_HEADS_KEY, self.num_heads), get(LAYER_KV_HEADS_KEY, self.num_kv_heads), get(LAYER_D_FF_KEY, self.intermediate_size))
+        let d_ff = get(LAYER_D_FF_KEY, self.intermediate_size);
+        (get(LAYER_HEADS_KEY, self.num_heads), get(LAYER_KV_HEADS_KEY, self.num_kv_heads), d_ff)
     }
 
     pub fn n_rep(&self) -> usize {
