@@ -411,9 +411,15 @@ fn example(m: &Model, seed: u64) -> Option<toml::Table> {
         }
         t.insert("neurons".into(), toml::Value::Table(per));
     } else {
-        t.insert("fraction".into(), toml::Value::Float([0.1, 0.25, 0.5][r.gen_range(0..3)]));
-        if m.cfg.intermediate_size < 4 {
+        let min_f = m.blocks.iter().map(|b| b.gate.out_features()).min()?;
+        let fr = [0.1, 0.25, 0.5][r.gen_range(0..3)];
+        if min_f < 4 {
             return None;
+        }
+        if (fr * min_f as f64).round() >= 1.0 {
+            t.insert("fraction".into(), toml::Value::Float(fr));
+        } else {
+            t.insert("count".into(), toml::Value::Integer(1));
         }
     }
     if m.cfg.arch == Arch::Llama && r.gen_bool(0.5) {
