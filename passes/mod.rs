@@ -7,6 +7,8 @@
 //! the options against the model and returns the [`Pass`].
 
 pub mod bake_steering;
+pub mod prune_heads;
+pub mod prune_neurons;
 pub mod skip_layers;
 
 use crate::error::Result;
@@ -40,7 +42,12 @@ pub struct PassInfo {
     pub example: fn(&Model, u64) -> Option<toml::Table>,
 }
 
-pub const REGISTRY: &[PassInfo] = &[skip_layers::INFO, bake_steering::INFO];
+pub const REGISTRY: &[PassInfo] = &[
+    skip_layers::INFO,
+    prune_neurons::INFO,
+    prune_heads::INFO,
+    bake_steering::INFO,
+];
 
 pub fn find(name: &str) -> Option<&'static PassInfo> {
     REGISTRY.iter().find(|p| p.name == name)

@@ -87,6 +87,7 @@ impl Pass for SkipLayers {
                 }
             }
         }
+        crate::model::sync_layer_config(m); // per-layer widths of pruned models lose the deleted layers too
         let list = self.layers.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", ");
         Ok(format!("deleted layers {list} ({before} → {} layers)", m.blocks.len()))
     }

@@ -59,7 +59,25 @@ pub struct ModelConfig {
     pub raw: Map<String, Value>,
 }
 
+/// Per-layer shapes of a model whose layers differ (non-uniform pruning): arrays with one entry
+/// per layer in config.json, read by our loader. Stock transformers cannot load such a model (it
+/// builds every layer from `num_attention_heads` / `num_key_value_heads` / `intermediate_size`).
+pub const LAYER_HEADS_KEY: &str = "mechc_layer_num_attention_heads";
+pub const LAYER_KV_HEADS_KEY: &str = "mechc_layer_num_key_value_heads";
+pub const LAYER_D_FF_KEY: &str = "mechc_layer_intermediate_size";
+pub const LAYER_SHAPE_KEYS: [&str; 3] = [LAYER_HEADS_KEY, LAYER_KV_HEADS_KEY, LAYER_D_FF_KEY];
+
 impl ModelConfig {
+    /// (query heads, kv heads, d_ff) of layer `l`: the per-layer extension where present, else
+    /// the config's uniform values.
+    pub fn layer_shape(&self, l: usize) -> (usize, usize, usize) {
+        let get = |k: &str, uniform: usize| {
+            self.raw.get(k).and_then(|v| v.get(l)).and_then(Value::as_u64).map(|x| x as usize).unwrap_or(uniform)
+        };
+        let d_ff = get(LAYER_D_FF_KEY, self.intermediate_size);
+        (get(LAYER_HEADS_KEY, self.num_heads), get(LAYER_KV_HEADS_KEY, self.num_kv_heads), d_ff)
+    }
+
     pub fn n_rep(&self) -> usize {
         self.num_heads / self.num_kv_heads
     }
@@ -115,6 +133,21 @@ impl ModelConfig {
                 "num_key_value_heads",
                 format!("{} does not divide num_attention_heads = {}", self.num_kv_heads, self.num_heads),
             );
+        }
+        for key in LAYER_SHAPE_KEYS {
+            let Some(v) = self.raw.get(key) else { continue };
+            let ok = v.as_array().is_some_and(|a| {
+                a.len() == self.num_layers && a.iter().all(|x| x.as_u64().is_some_and(|n| n > 0))
+            });
+            if !ok {
+                return err(key, format!("must be a list of {} positive integers (one per layer)", self.num_layers));
+            }
+        }
+        for l in 0..self.num_layers {
+            let (q, kv, _) = self.layer_shape(l);
+            if q % kv != 0 {
+                return err(LAYER_KV_HEADS_KEY, format!("layer {l}: {kv} kv heads do not divide {q} query heads"));
+            }
         }
         if self.head_dim % 2 != 0 {
             return err("head_dim", format!("{} is odd; RoPE needs an even head dimension", self.head_dim));

@@ -102,12 +102,14 @@ impl TensorRole {
         v
     }
 
-    /// Expected shape for a config with uniform widths.
+    /// Expected shape under a config (per-layer widths from its per-layer extension, if any).
     pub fn shape(self, cfg: &ModelConfig) -> Vec<usize> {
         let d = cfg.hidden_size;
-        let q = cfg.num_heads * cfg.head_dim;
-        let kv = cfg.num_kv_heads * cfg.head_dim;
-        let f = cfg.intermediate_size;
+        let (nq, nkv, f) = match self {
+            TensorRole::Weight(l, _) | TensorRole::Bias(l, _) => cfg.layer_shape(l),
+            _ => (cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size),
+        };
+        let (q, kv) = (nq * cfg.head_dim, nkv * cfg.head_dim);
         let out_in = |p: Proj| match p {
             Proj::Q => (q, d),
             Proj::K | Proj::V => (kv, d),
@@ -123,6 +125,29 @@ impl TensorRole {
                 vec![o, i]
             }
             TensorRole::Bias(_, p) => vec![out_in(p).0],
+        }
+    }
+}
+
+/// Make the config describe the blocks' actual widths (after a pass changed them): a width the
+/// same in every layer goes into the stock field (`num_attention_heads`, `num_key_value_heads`,
+/// `intermediate_size`) and its per-layer key is dropped; a width that differs between layers is
+/// written as a per-layer list ([`config::LAYER_SHAPE_KEYS`]) that only our loader reads, and the
+/// stock field holds layer 0's value.
+pub fn sync_layer_config(m: &mut Model) {
+    let hd = m.cfg.head_dim;
+    let shapes: Vec<[usize; 3]> =
+        m.blocks.iter().map(|b| [b.q.out_features() / hd, b.k.out_features() / hd, b.gate.out_features()]).collect();
+    m.cfg.num_layers = m.blocks.len();
+    let Some(first) = shapes.first().copied() else { return };
+    m.cfg.num_heads = first[0];
+    m.cfg.num_kv_heads = first[1];
+    m.cfg.intermediate_size = first[2];
+    for (i, key) in config::LAYER_SHAPE_KEYS.iter().enumerate() {
+        if shapes.iter().all(|s| s[i] == first[i]) {
+            m.cfg.raw.remove(*key);
+        } else {
+            m.cfg.raw.insert(key.to_string(), Value::from(shapes.iter().map(|s| s[i]).collect::<Vec<_>>()));
         }
     }
 }
