@@ -20,7 +20,7 @@ fn last_layer_of_the_lens_is_the_models_prediction() {
     }
     let loaded = mechc::io::load(&path, false).unwrap();
     let tok = loaded.tok().unwrap();
-    let ids = mechc::cli::prompt_ids(tok, "The capital of France is", false).unwrap();
+    let ids = tok.prompt_ids("The capital of France is", false).unwrap();
     let target = tok.encode(" Paris", false).unwrap()[0];
     let rows = logit_lens(&loaded.model, &ids, ids.len() - 1, target, 5).unwrap();
     assert_eq!(rows.len(), loaded.model.blocks.len() + 1, "embed + one row per block");

@@ -47,7 +47,7 @@ pub fn run(a: LogitLensArgs, g: &Global) -> anyhow::Result<()> {
     let loaded = crate::io::load(&a.model, g.progress())?;
     let model_src = Source::model(&a.model)?;
     let tok = loaded.tok()?;
-    let ids = crate::cli::prompt_ids(tok, &a.prompt, a.chat)?;
+    let ids = tok.prompt_ids(&a.prompt, a.chat)?;
     if ids.is_empty() {
         anyhow::bail!("--prompt has no tokens");
     }
