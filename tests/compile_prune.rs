@@ -6,15 +6,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use assert_cmd::Command;
 use mechc::model::decoder::Fwd;
 use mechc::runtime::{Batch, Hooks};
-
-fn mechc() -> Command {
-    let mut c = Command::cargo_bin("mechc").unwrap();
-    c.env("MECHC_CACHE", std::env::temp_dir().join("mechc-test-cache")).arg("-q");
-    c
-}
 
 /// A pipeline over stories260K with one `[[pass]]` (body `pass`), output `out-NAME`.
 fn pipeline(dir: &Path, name: &str, pass: &str) -> PathBuf {
@@ -27,22 +20,11 @@ fn pipeline(dir: &Path, name: &str, pass: &str) -> PathBuf {
     p
 }
 
-fn fails_with(cmd: &mut Command, needles: &[&str]) {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "expected failure; stderr {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "one-line error expected: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{err:?} should mention {n:?}");
-    }
-}
-
 /// Compile `pass` (TOML lines of a `[[pass]]` table), reload the output with our loader, and
 /// check it against the source run with the pass's twin. Returns the output's config.json.
 fn compile_and_check_twin(dir: &Path, name: &str, pass: &str) -> serde_json::Value {
     let p = pipeline(dir, name, pass);
-    mechc().arg("compile").arg(&p).assert().success();
+    common::mechc().arg("compile").arg(&p).assert().success();
     let out = dir.join(format!("out-{name}"));
     let compiled = mechc::io::load(&out, false).unwrap();
     let source = mechc::io::load(&common::stories_gguf(), false).unwrap();
@@ -174,8 +156,8 @@ fn non_uniform_head_and_neuron_pruning_load_in_our_runtime() {
         "u",
         "name = \"prune-neurons\"\nneurons = { \"1\" = [0] }\nuniform = true",
     );
-    fails_with(
-        mechc().arg("compile").arg(&p),
+    common::fails(
+        common::mechc().arg("compile").arg(&p),
         &["pass[0] (prune-neurons)", "uniform = true", "different d_ff"],
     );
 }
@@ -203,6 +185,6 @@ fn bad_options_fail_in_one_line() {
     ];
     for (i, (pass, needles)) in cases.iter().enumerate() {
         let p = pipeline(tmp.path(), &format!("bad{i}"), pass);
-        fails_with(mechc().arg("compile").arg(&p), needles);
+        common::fails(common::mechc().arg("compile").arg(&p), needles);
     }
 }

@@ -6,16 +6,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use assert_cmd::Command;
 use candle_core::{Device, Tensor};
 use mechc::model::decoder::Fwd;
 use mechc::runtime::{Batch, HookPoint, Hooks, Op};
-
-fn mechc() -> Command {
-    let mut c = Command::cargo_bin("mechc").unwrap();
-    c.env("MECHC_CACHE", std::env::temp_dir().join("mechc-test-cache")).arg("-q");
-    c
-}
 
 /// A pipeline over `model` with `pass` TOML lines after `[[pass]] name = "bake-steering"`.
 fn pipeline(dir: &Path, model: &Path, name: &str, pass: &str) -> PathBuf {
@@ -26,17 +19,6 @@ fn pipeline(dir: &Path, model: &Path, name: &str, pass: &str) -> PathBuf {
     let p = dir.join(format!("{name}.toml"));
     std::fs::write(&p, body).unwrap();
     p
-}
-
-fn fails_with(cmd: &mut Command, needles: &[&str]) {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "expected failure; stderr {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "one-line error expected: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{err:?} should mention {n:?}");
-    }
 }
 
 /// A seeded direction of d_model values (not unit length), saved as `dir.safetensors:v`.
@@ -64,7 +46,7 @@ fn unit(v: &Tensor) -> Tensor {
 
 /// Compile, load the output, and return max relative logit difference to the source + `twin`.
 fn compiled_vs_twin(p: &Path, out: &Path, twin: &mut Hooks) -> f32 {
-    mechc().arg("compile").arg(p).assert().success();
+    common::mechc().arg("compile").arg(p).assert().success();
     let compiled = mechc::io::load(out, false).unwrap();
     let source = mechc::io::load(&common::stories_gguf(), false).unwrap();
     let tok = source.tok().unwrap();
@@ -101,7 +83,7 @@ fn add_equals_its_twin_and_writes_the_control_vector() {
         "mode = \"add\"\ndirection = \"dir.safetensors:v\"\nlayer = 3\ncoeff = 3.5\ncontrol_vector = \"cv/steer.gguf\"",
     );
     // A dry run writes neither the checkpoint nor the control vector.
-    mechc().arg("compile").arg(&p).arg("--dry-run").assert().success();
+    common::mechc().arg("compile").arg(&p).arg("--dry-run").assert().success();
     assert!(!tmp.path().join("cv").exists() && !tmp.path().join("out-add").exists());
     let cv = (unit(&v) * 3.5).unwrap();
     let mut twin = Hooks::new();
@@ -164,8 +146,8 @@ fn bad_input_fails_with_one_line_naming_the_option() {
     let stories = common::stories_gguf();
     direction(tmp.path(), d_model());
     let p = pipeline(tmp.path(), &stories, "size", "mode = \"ablate\"\ndirection = [1.0, 2.0, 3.0]");
-    fails_with(
-        mechc().arg("compile").arg(&p),
+    common::fails(
+        common::mechc().arg("compile").arg(&p),
         &["pass[0] (bake-steering)", "`direction` has 3 values", "d_model"],
     );
     // A file holding a tensor of the wrong size.
@@ -177,22 +159,22 @@ fn bad_input_fails_with_one_line_naming_the_option() {
         "size2",
         "mode = \"ablate\"\ndirection = \"small.safetensors\"",
     );
-    fails_with(mechc().arg("compile").arg(&p), &["`direction`", "[7]", "d_model"]);
+    common::fails(common::mechc().arg("compile").arg(&p), &["`direction`", "[7]", "d_model"]);
     let p = pipeline(
         tmp.path(),
         &stories,
         "missing",
         "mode = \"ablate\"\ndirection = \"nope.safetensors:v\"",
     );
-    fails_with(mechc().arg("compile").arg(&p), &["`direction`", "nope.safetensors"]);
+    common::fails(common::mechc().arg("compile").arg(&p), &["`direction`", "nope.safetensors"]);
     let p = pipeline(
         tmp.path(),
         &stories,
         "mode",
         "mode = \"amplify\"\ndirection = \"dir.safetensors\"",
     );
-    fails_with(
-        mechc().arg("compile").arg(&p),
+    common::fails(
+        common::mechc().arg("compile").arg(&p),
         &["unknown `mode` = \"amplify\"", "add, ablate"],
     );
     let p = pipeline(
@@ -201,24 +183,24 @@ fn bad_input_fails_with_one_line_naming_the_option() {
         "nolayer",
         "mode = \"add\"\ndirection = \"dir.safetensors\"\ncoeff = 1.0",
     );
-    fails_with(mechc().arg("compile").arg(&p), &["needs `layer`"]);
+    common::fails(common::mechc().arg("compile").arg(&p), &["needs `layer`"]);
     let auto = "mode = \"add\"\ndirection = \"dir.safetensors\"\nlayer = 1\ncoeff = \"auto\"";
     let p = pipeline(tmp.path(), &stories, "auto", auto);
-    fails_with(mechc().arg("compile").arg(&p), &["`coeff = \"auto\"`", "not implemented"]);
+    common::fails(common::mechc().arg("compile").arg(&p), &["`coeff = \"auto\"`", "not implemented"]);
     let cv0 = "mode = \"add\"\ndirection = \"dir.safetensors\"\nlayer = 0\ncoeff = 1\ncontrol_vector = \"x.gguf\"";
     let p = pipeline(tmp.path(), &stories, "cv0", cv0);
-    fails_with(mechc().arg("compile").arg(&p), &["`control_vector`", "block 0"]);
+    common::fails(common::mechc().arg("compile").arg(&p), &["`control_vector`", "block 0"]);
     let p = pipeline(
         tmp.path(),
         &stories,
         "typo",
         "mode = \"add\"\ndirection = \"dir.safetensors\"\nlayer = 1\ncoef = 1",
     );
-    fails_with(mechc().arg("compile").arg(&p), &["unknown field `coef`"]);
+    common::fails(common::mechc().arg("compile").arg(&p), &["unknown field `coef`"]);
 
     // add on a Qwen2 checkpoint: refused, pointing at ablate.
     let qwen = tmp.path().join("qwen");
-    mechc()
+    common::mechc()
         .args(["random-model", "--arch", "qwen2", "--seed", "3", "--out"])
         .arg(&qwen)
         .assert()
@@ -231,7 +213,7 @@ fn bad_input_fails_with_one_line_naming_the_option() {
         "qwen",
         &format!("mode = \"add\"\ndirection = {dir}\nlayer = 0\ncoeff = 1"),
     );
-    fails_with(mechc().arg("compile").arg(&p), &["Llama-only", "qwen2", "ablate"]);
+    common::fails(common::mechc().arg("compile").arg(&p), &["Llama-only", "qwen2", "ablate"]);
     let p = pipeline(
         tmp.path(),
         &qwen,
@@ -239,5 +221,5 @@ fn bad_input_fails_with_one_line_naming_the_option() {
         &format!("mode = \"ablate\"\ndirection = {dir}"),
     );
     // (dry run: a random model has no tokenizer for the emitter to copy)
-    mechc().arg("compile").arg(&p).arg("--dry-run").assert().success();
+    common::mechc().arg("compile").arg(&p).arg("--dry-run").assert().success();
 }
