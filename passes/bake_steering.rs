@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{seq::SliceRandom, Rng, SeedableRng};
 use serde::Deserialize;
 
-use super::{options, resolve_path, Pass, PassInfo};
+use super::{options, BuildCtx, Pass, PassInfo};
 use crate::data::SetSpec;
 use crate::error::{Error, Result};
 use crate::io::control_vector::{self, Direction};
@@ -89,11 +89,11 @@ fn invalid(m: impl Into<String>) -> Error {
 }
 
 /// The direction from a file spec or an inline array, as f32 [d_model].
-fn direction(v: &toml::Value, d: usize) -> Result<Tensor> {
+fn direction(v: &toml::Value, d: usize, cx: &BuildCtx) -> Result<Tensor> {
     match v {
         toml::Value::String(s) => {
             let mut spec = SetSpec::parse(s);
-            spec.path = resolve_path(&spec.path.to_string_lossy());
+            spec.path = cx.path(&spec.path.to_string_lossy());
             if spec.field.is_none() && !spec.path.exists() {
                 // `SetSpec::parse` only splits FILE:TENSOR when FILE:TENSOR is not itself a file.
                 return Err(invalid(format!("`direction`: no such file {}", spec.path.display())));
@@ -137,7 +137,8 @@ fn unit(v: &Tensor) -> Result<Tensor> {
     Ok((v / n as f64)?)
 }
 
-fn build(t: &toml::Table, m: &Model) -> Result<Box<dyn Pass>> {
+fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
+    let m = cx.source;
     let o: Opts = options(t)?;
     let (n, d) = (m.cfg.num_layers, m.cfg.hidden_size);
     let only = |names: &[(&str, bool)], mode: &str| -> Result<()> {
@@ -185,7 +186,7 @@ fn build(t: &toml::Table, m: &Model) -> Result<Box<dyn Pass>> {
             if !coeff.is_finite() {
                 return Err(invalid("`coeff` must be finite"));
             }
-            let v = direction(&o.direction, d)?;
+            let v = direction(&o.direction, d, cx)?;
             let v = if o.normalize.unwrap_or(true) { unit(&v)? } else { v };
             let v = (v * coeff)?;
             let control_vector = match &o.control_vector {
@@ -194,7 +195,7 @@ fn build(t: &toml::Table, m: &Model) -> Result<Box<dyn Pass>> {
                         "`control_vector` = \"{p}\": llama.cpp cannot steer block 0's output (direction.0 is invalid)"
                     )))
                 }
-                Some(p) => Some(resolve_path(p)),
+                Some(p) => Some(cx.path(p)),
                 None => None,
             };
             Mode::Add {
@@ -213,7 +214,7 @@ fn build(t: &toml::Table, m: &Model) -> Result<Box<dyn Pass>> {
                 ],
                 "ablate",
             )?;
-            let r = unit(&direction(&o.direction, d)?)?;
+            let r = unit(&direction(&o.direction, d, cx)?)?;
             let layers = o.layers.unwrap_or_else(|| (0..n).collect());
             if let Some(&bad) = layers.iter().find(|&&l| l >= n) {
                 return Err(invalid(format!(
@@ -445,7 +446,7 @@ mod tests {
     }
 
     fn err(m: &Model, s: &str) -> String {
-        match build(&table(s), m) {
+        match build(&table(s), &BuildCtx::new(m)) {
             Ok(_) => panic!("{s} should fail"),
             Err(e) => e.to_string(),
         }
@@ -479,7 +480,7 @@ mod tests {
         let q = model(Arch::Qwen2);
         let qd = format!("[{}]", vec!["0.5"; q.cfg.hidden_size].join(", "));
         assert!(err(&q, &format!("mode = \"add\"\ndirection = {qd}\nlayer = 0\ncoeff = 1")).contains("Llama-only"));
-        assert!(build(&table(&format!("mode = \"ablate\"\ndirection = {qd}")), &q).is_ok());
+        assert!(build(&table(&format!("mode = \"ablate\"\ndirection = {qd}")), &BuildCtx::new(&q)).is_ok());
     }
 
     #[test]
@@ -498,7 +499,7 @@ mod tests {
         );
         let p = build(
             &table(&format!("mode = \"add\"\ndirection = {dir}\nlayer = 1\ncoeff = 2.0")),
-            &m,
+            &BuildCtx::new(&m),
         )
         .unwrap();
         p.run(&mut m).unwrap();
@@ -540,7 +541,7 @@ mod tests {
             "[{}]",
             (0..d).map(|i| format!("{}", (i as f32).cos())).collect::<Vec<_>>().join(", ")
         );
-        let p = build(&table(&format!("mode = \"ablate\"\ndirection = {dir}")), &m).unwrap();
+        let p = build(&table(&format!("mode = \"ablate\"\ndirection = {dir}")), &BuildCtx::new(&m)).unwrap();
         p.run(&mut m).unwrap();
         assert!(!m.cfg.tie_word_embeddings);
         assert_eq!(m.lm_head.to_vec2::<f32>().unwrap(), head.to_vec2::<f32>().unwrap());
@@ -548,6 +549,7 @@ mod tests {
             &direction(
                 &toml::Value::Array((0..d).map(|i| toml::Value::Float((i as f64).cos())).collect()),
                 d,
+                &BuildCtx::new(&m),
             )
             .unwrap(),
         )

@@ -36,7 +36,7 @@ pub struct PassInfo {
     /// The pass's documentation: first line a summary, then the options.
     pub doc: &'static str,
     /// Parse options (a `[[pass]]` table minus `name`) and check them against the source model.
-    pub build: fn(&toml::Table, &Model) -> Result<Box<dyn Pass>>,
+    pub build: fn(&toml::Table, &BuildCtx) -> Result<Box<dyn Pass>>,
     /// Random valid options for a model, from a seed (None if the model cannot take the pass,
     /// e.g. deleting a layer of a one-layer model): the generic property tests use them.
     pub example: fn(&Model, u64) -> Option<toml::Table>,
@@ -66,25 +66,22 @@ pub fn options<T: serde::de::DeserializeOwned>(t: &toml::Table) -> Result<T> {
     T::deserialize(toml::Value::Table(t.clone())).map_err(|e| crate::Error::invalid(e.message().to_string()))
 }
 
-thread_local! {
-    static BASE_DIR: std::cell::RefCell<Option<std::path::PathBuf>> = const { std::cell::RefCell::new(None) };
+/// What a pass's `build` may consult: the source model and the directory relative paths in
+/// its options are resolved against (the pipeline file's, like the pipeline's own paths).
+pub struct BuildCtx<'a> {
+    pub source: &'a Model,
+    pub base_dir: &'a std::path::Path,
 }
 
-/// Run `f` (a pass's `build`) with relative paths in options resolving against `dir` (the
-/// pipeline file's directory), as the pipeline's own paths do.
-pub fn with_base_dir<R>(dir: &std::path::Path, f: impl FnOnce() -> R) -> R {
-    let prev = BASE_DIR.with(|b| b.replace(Some(dir.to_path_buf())));
-    let r = f();
-    BASE_DIR.with(|b| *b.borrow_mut() = prev);
-    r
-}
+impl<'a> BuildCtx<'a> {
+    /// Relative paths resolve against the current directory.
+    pub fn new(source: &'a Model) -> Self {
+        BuildCtx { source, base_dir: std::path::Path::new(".") }
+    }
 
-/// A path from a pass option: absolute as is; relative against the pipeline file's directory
-/// inside [`with_base_dir`], against the current directory otherwise.
-pub fn resolve_path(p: &str) -> std::path::PathBuf {
-    let p = std::path::Path::new(p);
-    match BASE_DIR.with(|b| b.borrow().clone()) {
-        Some(dir) if p.is_relative() => dir.join(p),
-        _ => p.to_path_buf(),
+    /// A path from a pass option: absolute as is, relative against `base_dir`.
+    pub fn path(&self, p: &str) -> std::path::PathBuf {
+        let p = std::path::Path::new(p);
+        if p.is_relative() { self.base_dir.join(p) } else { p.to_path_buf() }
     }
 }

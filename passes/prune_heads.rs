@@ -12,7 +12,7 @@ use super::prune_neurons::{
     add_zero_biases, calibration, check_bias_support, example_ids, folded, keep_cols, keep_rows, kept, lowest, mean_activations,
     Compensate,
 };
-use super::{options, Pass, PassInfo};
+use super::{options, BuildCtx, Pass, PassInfo};
 use crate::error::{Error, Result};
 use crate::model::{Arch, Model, Proj};
 use crate::runtime::{HookPoint, Hooks, Op};
@@ -38,7 +38,7 @@ Options (explicit targets, or a built-in ranking):
                            has none (Llama; Qwen2 has no o_proj bias in HF, so it cannot)
   mean_over = \"ids.json\"   with compensate = \"mean\": token ids to average over (a list, or a
                            list of lists, as `mechc tokenize --file` prints), path relative to
-                           the working directory ...
+                           the pipeline file ...
   mean_over_ids = [1, 2]   ... or the token ids inline
   tokens = 512             at most this many calibration tokens (default 512)
 
@@ -126,7 +126,8 @@ fn plan_layer(l: usize, n_q: usize, n_kv: usize, pruned: Vec<usize>) -> Result<L
     })
 }
 
-fn build(t: &toml::Table, m: &Model) -> Result<Box<dyn Pass>> {
+fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
+    let m = cx.source;
     let o: Opts = options(t)?;
     let n = m.cfg.num_layers;
     let hd = m.cfg.head_dim;
@@ -224,7 +225,7 @@ fn build(t: &toml::Table, m: &Model) -> Result<Box<dyn Pass>> {
         }
     }
     check_bias_support(m, o.compensate, "o_proj")?;
-    if let Some(seqs) = calibration(o.compensate, o.mean_over.as_deref(), o.mean_over_ids.as_deref(), o.tokens, m)? {
+    if let Some(seqs) = calibration(o.compensate, o.mean_over.as_deref(), o.mean_over_ids.as_deref(), o.tokens, cx)? {
         let points: Vec<HookPoint> = layers.keys().map(|&l| HookPoint::AttnZ(l)).collect();
         let avg = mean_activations(m, &seqs, &points)?;
         for (&l, p) in layers.iter_mut() {

@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use rand::{seq::SliceRandom, Rng, SeedableRng};
 use serde::Deserialize;
 
-use super::{options, Pass, PassInfo};
+use super::{options, BuildCtx, Pass, PassInfo};
 use crate::error::{Error, Result};
 use crate::model::decoder::Fwd;
 use crate::model::{Arch, Linear, Model, Proj};
@@ -37,7 +37,7 @@ Options (explicit targets, or a built-in ranking):
                            sets mlp_bias = true if the model has none (Llama; Qwen2 cannot)
   mean_over = \"ids.json\"   with compensate = \"mean\": token ids to average over (a list, or a
                            list of lists, as `mechc tokenize --file` prints), path relative to
-                           the working directory ...
+                           the pipeline file ...
   mean_over_ids = [1, 2]   ... or the token ids inline
   tokens = 512             at most this many calibration tokens (default 512)
 
@@ -95,7 +95,8 @@ fn layer_key(k: &str, n_layers: usize, option: &str) -> Result<usize> {
     Ok(l)
 }
 
-fn build(t: &toml::Table, m: &Model) -> Result<Box<dyn Pass>> {
+fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
+    let m = cx.source;
     let o: Opts = options(t)?;
     let n = m.cfg.num_layers;
     let d_ff = |l: usize| m.blocks[l].gate.out_features();
@@ -189,7 +190,7 @@ fn build(t: &toml::Table, m: &Model) -> Result<Box<dyn Pass>> {
         }
     }
     check_bias_support(m, o.compensate, "down_proj")?;
-    let calib = calibration(o.compensate, o.mean_over.as_deref(), o.mean_over_ids.as_deref(), o.tokens, m)?;
+    let calib = calibration(o.compensate, o.mean_over.as_deref(), o.mean_over_ids.as_deref(), o.tokens, cx)?;
     let means = match calib {
         None => None,
         Some(seqs) => {
@@ -230,8 +231,9 @@ pub(super) fn calibration(
     file: Option<&str>,
     inline: Option<&[u32]>,
     tokens: Option<usize>,
-    m: &Model,
+    cx: &BuildCtx,
 ) -> Result<Option<Vec<Vec<u32>>>> {
+    let m = cx.source;
     if c == Compensate::None {
         if file.is_some() || inline.is_some() || tokens.is_some() {
             return Err(Error::invalid(
@@ -250,7 +252,7 @@ pub(super) fn calibration(
         (None, Some(ids)) => vec![ids.to_vec()],
         (Some(path), None) => {
             let bad = |msg: String| Error::invalid(format!("`mean_over`: {path}: {msg}"));
-            let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+            let text = std::fs::read_to_string(cx.path(path)).map_err(|e| bad(e.to_string()))?;
             let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
             let ids = |v: &serde_json::Value| -> Option<Vec<u32>> {
                 v.as_array()?

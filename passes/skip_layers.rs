@@ -10,7 +10,7 @@
 use rand::{seq::SliceRandom, Rng, SeedableRng};
 use serde::Deserialize;
 
-use super::{options, Pass, PassInfo};
+use super::{options, BuildCtx, Pass, PassInfo};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::runtime::Hooks;
@@ -39,7 +39,8 @@ struct SkipLayers {
     layers: Vec<usize>,
 }
 
-fn build(t: &toml::Table, m: &Model) -> Result<Box<dyn Pass>> {
+fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
+    let m = cx.source;
     let o: Opts = options(t)?;
     let n = m.cfg.num_layers;
     let mut layers = o.layers;

@@ -32,7 +32,7 @@ fn compile_and_check_twin(dir: &Path, name: &str, pass: &str) -> serde_json::Val
     let pass_name = table["name"].as_str().unwrap().to_string();
     let mut opts = table.clone();
     opts.remove("name");
-    let built = (mechc::passes::find(&pass_name).unwrap().build)(&opts, &source.model).unwrap();
+    let built = (mechc::passes::find(&pass_name).unwrap().build)(&opts, &mechc::passes::BuildCtx::new(&source.model)).unwrap();
     let ids = source
         .tok()
         .unwrap()

@@ -31,7 +31,7 @@ proptest! {
         let batch = Batch::right_padded(&seqs, 0);
         for info in REGISTRY {
             let Some(opts) = (info.example)(&source, seed) else { continue };
-            let pass = (info.build)(&opts, &source).unwrap();
+            let pass = (info.build)(&opts, &mechc::passes::BuildCtx::new(&source)).unwrap();
             let mut compiled = source.clone();
             pass.run(&mut compiled).unwrap();
             verifier::check(&compiled).unwrap();

@@ -91,7 +91,7 @@ impl Plan {
                 Error::config(&file.path, format!("pass[{i}].name"), format!("unknown pass `{}` (passes: {})", spec.name, passes::names()))
             })?;
             let base = file.path.parent().unwrap_or(std::path::Path::new("."));
-            let pass = passes::with_base_dir(base, || (info.build)(&spec.options, source)).map_err(|e| match e {
+            let pass = (info.build)(&spec.options, &passes::BuildCtx { source, base_dir: base }).map_err(|e| match e {
                 Error::Invalid(m) => Error::config(&file.path, format!("pass[{i}] ({})", spec.name), m),
                 other => other,
             })?;
