@@ -9,6 +9,7 @@
 pub mod bake_steering;
 pub mod prune_heads;
 pub mod prune_neurons;
+pub mod rank_one_edit;
 pub mod skip_layers;
 
 use crate::error::Result;
@@ -47,6 +48,7 @@ pub const REGISTRY: &[PassInfo] = &[
     prune_neurons::INFO,
     prune_heads::INFO,
     bake_steering::INFO,
+    rank_one_edit::INFO,
 ];
 
 pub fn find(name: &str) -> Option<&'static PassInfo> {
@@ -71,12 +73,16 @@ pub fn options<T: serde::de::DeserializeOwned>(t: &toml::Table) -> Result<T> {
 pub struct BuildCtx<'a> {
     pub source: &'a Model,
     pub base_dir: &'a std::path::Path,
+    /// The source's tokenizer, for passes whose options are text (None for random test models).
+    pub tok: Option<&'a crate::tokenizer::Tok>,
+    /// Whether long work may draw progress bars.
+    pub progress: bool,
 }
 
 impl<'a> BuildCtx<'a> {
     /// Relative paths resolve against the current directory.
     pub fn new(source: &'a Model) -> Self {
-        BuildCtx { source, base_dir: std::path::Path::new(".") }
+        BuildCtx { source, base_dir: std::path::Path::new("."), tok: None, progress: false }
     }
 
     /// A path from a pass option: absolute as is, relative against `base_dir`.

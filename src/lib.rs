@@ -15,6 +15,7 @@ pub mod locate;
 pub mod model;
 pub mod progress;
 pub mod report;
+pub mod rome;
 pub mod runtime;
 pub mod tokenizer;
 pub mod verify;

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result, WithPath};
 
+#[derive(Clone)]
 pub struct Tok {
     pub inner: tokenizers::Tokenizer,
     pub chat_template: Option<String>,

@@ -35,7 +35,7 @@ pub fn run(a: CompileArgs, g: &Global) -> anyhow::Result<()> {
     let file = PipelineFile::load(&a.pipeline)?;
     let source_path = file.resolve(&file.pipeline.model.path);
     let loaded = crate::io::load(&source_path, g.progress())?;
-    let plan = Plan::new(file, a.out.clone(), a.force, &loaded.model, loaded.stored_dtype)?;
+    let plan = Plan::new(file, a.out.clone(), a.force, &loaded, g.progress())?;
     let say = |s: String| {
         if !g.quiet {
             eprintln!("{s}");

@@ -64,7 +64,8 @@ impl Verdict {
 impl Plan {
     /// Resolve paths and options; build every pass (unknown names and bad options fail here,
     /// before anything heavy runs).
-    pub fn new(file: PipelineFile, out: Option<PathBuf>, force: bool, source: &Model, source_dtype: candle_core::DType) -> Result<Plan> {
+    pub fn new(file: PipelineFile, out: Option<PathBuf>, force: bool, loaded: &crate::io::Loaded, progress: bool) -> Result<Plan> {
+        let (source, source_dtype) = (&loaded.model, loaded.stored_dtype);
         let p = &file.pipeline;
         let out = match (out, &p.output.path) {
             (Some(o), _) => o,
@@ -91,7 +92,7 @@ impl Plan {
                 Error::config(&file.path, format!("pass[{i}].name"), format!("unknown pass `{}` (passes: {})", spec.name, passes::names()))
             })?;
             let base = file.path.parent().unwrap_or(std::path::Path::new("."));
-            let pass = (info.build)(&spec.options, &passes::BuildCtx { source, base_dir: base }).map_err(|e| match e {
+            let pass = (info.build)(&spec.options, &passes::BuildCtx { source, base_dir: base, tok: loaded.tok.as_ref(), progress }).map_err(|e| match e {
                 Error::Invalid(m) => Error::config(&file.path, format!("pass[{i}] ({})", spec.name), m),
                 other => other,
             })?;

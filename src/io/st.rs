@@ -51,6 +51,7 @@ impl StFile {
             Err(e) => return Err(Error::bad_file(&self.path, e.to_string())),
         };
         let dtype = match view.dtype() {
+            StDtype::F64 => DType::F64,
             StDtype::F32 => DType::F32,
             StDtype::F16 => DType::F16,
             StDtype::BF16 => DType::BF16,

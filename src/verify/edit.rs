@@ -66,10 +66,9 @@ pub struct EditCase {
     pub locality_true: String,
 }
 
-/// Read the cases from a record set. `ids` (values of the id field, compared as JSON or as
-/// text) selects records; every selected record must have every text field.
-pub fn cases(set: &RecordSet, fields: &EditFields, ids: Option<&[String]>) -> Result<Vec<EditCase>> {
-    let id_of = |i: usize| set.records[i].get(&fields.id).cloned();
+/// Indices of the records whose `id_field` has one of `ids` (compared as JSON or as text), in
+/// the order of `ids`; all records without `ids`. Errors on an unknown id or no records.
+pub fn select(set: &RecordSet, id_field: &str, ids: Option<&[String]>) -> Result<Vec<usize>> {
     let chosen: Vec<usize> = match ids {
         None => (0..set.records.len()).collect(),
         Some(ids) => {
@@ -79,9 +78,9 @@ pub fn cases(set: &RecordSet, fields: &EditFields, ids: Option<&[String]>) -> Re
             };
             let mut out = vec![];
             for want in ids {
-                let i = (0..set.records.len()).find(|&i| id_of(i).is_some_and(|v| text(&v) == *want)).ok_or_else(|| {
-                    Error::config(&set.path, &fields.id, format!("no record has the id {want}"))
-                })?;
+                let i = (0..set.records.len())
+                    .find(|&i| set.records[i].get(id_field).is_some_and(|v| text(v) == *want))
+                    .ok_or_else(|| Error::config(&set.path, id_field, format!("no record has the id {want}")))?;
                 out.push(i);
             }
             out
@@ -90,6 +89,14 @@ pub fn cases(set: &RecordSet, fields: &EditFields, ids: Option<&[String]>) -> Re
     if chosen.is_empty() {
         return Err(Error::bad_file(&set.path, "no records"));
     }
+    Ok(chosen)
+}
+
+/// Read the cases from a record set. `ids` (values of the id field, compared as JSON or as
+/// text) selects records; every selected record must have every text field.
+pub fn cases(set: &RecordSet, fields: &EditFields, ids: Option<&[String]>) -> Result<Vec<EditCase>> {
+    let id_of = |i: usize| set.records[i].get(&fields.id).cloned();
+    let chosen = select(set, &fields.id, ids)?;
     chosen
         .into_iter()
         .map(|i| {

@@ -1,0 +1,200 @@
+//! ROME (`rank-one-edit`): the update's algebra (W'k* = v*, and W'k = Wk for every k with
+//! kᵀC⁻¹k* = 0), the runtime twin, the v* optimisation on random models, the covariance and its
+//! cache; and on SmolLM2, a compiled edit whose `[verify.edit]` numbers equal `mechc eval edit`
+//! on the emitted checkpoint.
+
+mod common;
+
+use candle_core::{DType, IndexOp};
+use common::rel_diff;
+use mechc::model::decoder::Fwd;
+use mechc::model::random::{random_model, RandomSpec};
+use mechc::model::Model;
+use mechc::rome::covariance::Covariance;
+use mechc::rome::{self, Hparams, KeyValue, RankOne, Request};
+use mechc::runtime::{Batch, HookPoint, Hooks};
+use proptest::prelude::*;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+fn randn(r: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| r.gen_range(-1.0f32..1.0)).collect()
+}
+
+/// A random symmetric positive definite C = A Aᵀ/n + 0.1 I.
+fn random_cov(r: &mut StdRng, layer: usize, n: usize) -> Covariance {
+    let a: Vec<f64> = (0..n * n).map(|_| r.gen_range(-1.0..1.0)).collect();
+    let mut mom2 = vec![0.0; n * n];
+    for i in 0..n {
+        for j in 0..n {
+            let dot: f64 = (0..n).map(|k| a[i * n + k] * a[j * n + k]).sum();
+            mom2[i * n + j] = dot / n as f64 + if i == j { 0.1 } else { 0.0 };
+        }
+    }
+    Covariance { layer, dim: n, mom2, count: 1 }
+}
+
+fn kv(layer: usize, k: Vec<f32>, v: Vec<f32>) -> KeyValue {
+    KeyValue { layer, k, v, v0_norm: 1.0, delta_norm: 0.0, nll_first: 0.0, nll_last: 0.0, kl_last: 0.0, steps: 0, seconds: 0.0 }
+}
+
+/// down_proj(k) = W k + b of `layer`, in f64.
+fn down(m: &Model, layer: usize, k: &[f32]) -> Vec<f64> {
+    let lin = &m.blocks[layer].down;
+    let w = lin.w().to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
+    let b = lin.b.as_ref().map(|b| b.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap());
+    w.iter()
+        .enumerate()
+        .map(|(i, row)| row.iter().zip(k).map(|(a, &x)| a * x as f64).sum::<f64>() + b.as_ref().map_or(0.0, |b| b[i]))
+        .collect()
+}
+
+fn max_rel(a: &[f64], b: &[f64]) -> f64 {
+    let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())) + 1e-6;
+    a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// W'k* + b = v*, and keys C⁻¹-orthogonal to k* are untouched.
+    #[test]
+    fn update_writes_v_at_k_and_nothing_orthogonal(seed in 0u64..100_000) {
+        let m = random_model(RandomSpec::from_seed(seed).config(), seed).unwrap();
+        let mut r = StdRng::seed_from_u64(seed);
+        let layer = r.gen_range(0..m.cfg.num_layers);
+        let (dff, dm) = (m.cfg.intermediate_size, m.cfg.hidden_size);
+        let c = random_cov(&mut r, layer, dff);
+        let k = randn(&mut r, dff);
+        let v = randn(&mut r, dm);
+        let ck = c.solve(&k, 0.0).unwrap();
+        let u = rome::rank_one(&m, &kv(layer, k.clone(), v.clone()), &ck).unwrap();
+        let mut edited = m.clone();
+        u.apply(&mut edited).unwrap();
+        let v64: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+        prop_assert!(max_rel(&down(&edited, layer, &k), &v64) < 1e-4);
+        // k⊥ = x − (x·C⁻¹k*)/(k*·C⁻¹k*) k*  has k⊥ᵀC⁻¹k* = 0.
+        let x = randn(&mut r, dff);
+        let xw: f64 = x.iter().zip(&ck).map(|(&a, b)| a as f64 * b).sum();
+        let kw: f64 = k.iter().zip(&ck).map(|(&a, b)| a as f64 * b).sum();
+        let kp: Vec<f32> = x.iter().zip(&k).map(|(&a, &b)| (a as f64 - xw / kw * b as f64) as f32).collect();
+        prop_assert!(max_rel(&down(&edited, layer, &kp), &down(&m, layer, &kp)) < 1e-4);
+        // ... while a generic key moves.
+        prop_assert!(max_rel(&down(&edited, layer, &x), &down(&m, layer, &x)) > 1e-3);
+    }
+
+    /// Sequential rank-one edits equal their runtime twin (a rank-k adapter beside down_proj).
+    #[test]
+    fn edits_equal_their_twin(seed in 0u64..100_000, n in 1usize..4) {
+        let m = random_model(RandomSpec::from_seed(seed).config(), seed).unwrap();
+        let mut r = StdRng::seed_from_u64(seed);
+        let (dff, dm) = (m.cfg.intermediate_size, m.cfg.hidden_size);
+        let mut edited = m.clone();
+        let mut ups: Vec<RankOne> = vec![];
+        for _ in 0..n {
+            let layer = r.gen_range(0..m.cfg.num_layers);
+            let k = randn(&mut r, dff);
+            let u = rome::rank_one(&edited, &kv(layer, k.clone(), randn(&mut r, dm)), &k.iter().map(|&x| x as f64).collect::<Vec<_>>()).unwrap();
+            u.apply(&mut edited).unwrap();
+            ups.push(u);
+        }
+        let v = m.cfg.vocab_size as u32;
+        let seqs = vec![(0..5).map(|i| (seed as u32 + 3 * i) % v).collect::<Vec<_>>(), vec![1 % v, 2 % v]];
+        let batch = Batch::right_padded(&seqs, 0);
+        let got = edited.forward(&batch, None, &mut Hooks::new(), Fwd::default()).unwrap();
+        let want = m.forward(&batch, None, &mut rome::twin(&ups).unwrap(), Fwd::default()).unwrap();
+        prop_assert!(rel_diff(&got, &want) < 1e-5, "rel diff {}", rel_diff(&got, &want));
+    }
+}
+
+/// A request in token ids on a random model: one context (so k* is that context's key).
+fn request(m: &Model, seed: u64) -> Request {
+    let v = m.cfg.vocab_size as u32;
+    let ids: Vec<u32> = (0..6).map(|i| (seed as u32 * 7 + 5 * i + 1) % v).collect();
+    Request { contexts: vec![ids.clone()], lookup: vec![3], target: vec![(ids[5] + 1) % v, 2 % v], kl_prompt: ids[..4].to_vec(), kl_lookup: 3 }
+}
+
+#[test]
+fn v_star_optimisation_lowers_the_target_loss_and_the_edit_writes_it() {
+    for seed in [3u64, 11, 29] {
+        // Two layers, edit the first: δ at the subject token reaches the target positions only
+        // through a later block's attention.
+        let mut spec = RandomSpec::from_seed(seed);
+        spec.layers = 2;
+        let m = random_model(spec.config(), seed).unwrap();
+        let layer = 0;
+        let req = request(&m, seed);
+        // Random models have tiny MLP outputs: ROME's weight decay (0.5·‖δ‖/‖v₀‖²) would pin δ
+        // at 0, so use EasyEdit's Llama value.
+        let hp = Hparams { steps: 25, weight_decay: 1e-3, ..Hparams::default() };
+        let kv = rome::key_value(&m, layer, &req, &hp).unwrap();
+        assert!(kv.nll_last < kv.nll_first, "seed {seed}: NLL {} → {}", kv.nll_first, kv.nll_last);
+        assert!(kv.delta_norm <= hp.clamp * kv.v0_norm * (1.0 + 1e-5), "δ exceeds the clamp");
+        // Deterministic.
+        assert_eq!(rome::key_value(&m, layer, &req, &hp).unwrap().v, kv.v);
+        // k* is the MLP input at the subject token; the edit makes the MLP output there v*.
+        let k: Vec<f64> = kv.k.iter().map(|&x| x as f64).collect();
+        let mut edited = m.clone();
+        rome::rank_one(&m, &kv, &k).unwrap().apply(&mut edited).unwrap();
+        let mut h = Hooks::new();
+        h.capture(HookPoint::MlpPost(layer)).capture(HookPoint::MlpOut(layer));
+        edited.forward(&Batch::single(&req.contexts[0]), None, &mut h, Fwd::default()).unwrap();
+        let post = h.captured[&HookPoint::MlpPost(layer)].i((0, 3)).unwrap().to_vec1::<f32>().unwrap();
+        let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        assert!(max_rel(&f64s(&post), &f64s(&kv.k)) < 1e-5, "k* must be the MLP input at the lookup token");
+        let out: Vec<f64> = h.captured[&HookPoint::MlpOut(layer)].i((0, 3)).unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+        let want: Vec<f64> = kv.v.iter().map(|&x| x as f64).collect();
+        assert!(max_rel(&out, &want) < 1e-4, "seed {seed}: mlp_out at k* is not v*");
+        // And the target's NLL on the edited model is the optimised one (the δ it reproduces).
+        let logits = edited.forward(&Batch::single(&[req.contexts[0].clone(), vec![req.target[0]]].concat()), None, &mut Hooks::new(), Fwd::default()).unwrap();
+        let lp = candle_nn::ops::log_softmax(&logits.i(0).unwrap(), 1).unwrap();
+        let nll = -(lp.i((5, req.target[0] as usize)).unwrap().to_scalar::<f32>().unwrap() + lp.i((6, req.target[1] as usize)).unwrap().to_scalar::<f32>().unwrap()) / 2.0;
+        assert!((nll as f64) < kv.nll_first, "seed {seed}: edited NLL {nll} vs unedited {}", kv.nll_first);
+    }
+}
+
+#[test]
+fn covariance_is_the_mean_outer_product_and_is_cached() {
+    let seed = 5;
+    let m = random_model(RandomSpec::from_seed(seed).config(), seed).unwrap();
+    let layer = 0;
+    let v = m.cfg.vocab_size as u32;
+    let ids: Vec<u32> = (0..23).map(|i| (i * 7 + 2) % v).collect();
+    let c = Covariance::collect(&m, layer, &ids, 10, |_, _| {}).unwrap();
+    // Direct: full forward of each window, every key's outer product.
+    let dff = m.cfg.intermediate_size;
+    let mut want = vec![0f64; dff * dff];
+    for w in ids.chunks(10) {
+        let mut h = Hooks::new();
+        h.capture(HookPoint::MlpPost(layer));
+        m.forward(&Batch::single(w), None, &mut h, Fwd::default()).unwrap();
+        for k in h.captured[&HookPoint::MlpPost(layer)].i(0).unwrap().to_vec2::<f32>().unwrap() {
+            for i in 0..dff {
+                for j in 0..dff {
+                    want[i * dff + j] += k[i] as f64 * k[j] as f64 / ids.len() as f64;
+                }
+            }
+        }
+    }
+    assert_eq!(c.count, ids.len());
+    assert!(max_rel(&c.mom2, &want) < 1e-5);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (a, hit) = Covariance::cached(&m, layer, &ids, 10, dir.path(), |_, _| {}).unwrap();
+    assert!(!hit);
+    let (b, hit) = Covariance::cached(&m, layer, &ids, 10, dir.path(), |_, _| {}).unwrap();
+    assert!(hit, "the second call must read the cache");
+    assert_eq!(a.mom2, b.mom2);
+    // Other tokens, or other weights, are another key.
+    assert!(!Covariance::cached(&m, layer, &ids[1..], 10, dir.path(), |_, _| {}).unwrap().1);
+    let mut m2 = m.clone();
+    let k: Vec<f32> = vec![1.0; dff];
+    rome::rank_one(&m2.clone(), &kv(layer, k.clone(), vec![0.0; m.cfg.hidden_size]), &k.iter().map(|&x| x as f64).collect::<Vec<_>>())
+        .unwrap()
+        .apply(&mut m2)
+        .unwrap();
+    // An edit of down_proj does not change C (its input) ... and is not part of the key.
+    assert!(Covariance::cached(&m2, layer, &ids, 10, dir.path(), |_, _| {}).unwrap().1);
+    let mut m3 = m.clone();
+    m3.embed = (&m3.embed * 2.0).unwrap();
+    assert!(!Covariance::cached(&m3, layer, &ids, 10, dir.path(), |_, _| {}).unwrap().1, "other weights, same key");
+}
