@@ -30,13 +30,15 @@ use crate::locate::direction::{self as dir, DirMethod, Positions, Sets, Site};
 /// opening): every prompt is put in the chat template and followed by a prefilled assistant
 /// response; activations are taken at the response's tokens (--positions all or last). The two
 /// classes share the prompts and differ only in the response: for models that rarely refuse
-/// (SmolLM2), this finds the "now refusing" direction that prompt sets cannot.
+/// (SmolLM2), this finds the "now refusing" direction that prompt sets cannot. Separation is
+/// trivially high there (the texts differ): choose the layer by its steering effect.
 ///
 /// Outputs: findings (--out; components `d{k}`, one per computed layer, score = accuracy, extras:
 /// layer, tensor, norm, separation numbers; summary: the best layer) and the vectors (--vectors:
 /// safetensors, one f32 [d_model] tensor per layer named by its hook site, e.g.
-/// `blocks.12.hook_resid_pre`). Use them as `bake-steering`'s `direction = "dirs.safetensors:
-/// blocks.12.hook_resid_pre"` or `mechc eval steer --direction dirs.safetensors:blocks.12.hook_resid_pre`.
+/// `blocks.12.hook_resid_pre`). Use them as `bake-steering`'s
+/// `direction = "dirs.safetensors:blocks.12.hook_resid_pre"` or
+/// `mechc eval steer --direction dirs.safetensors:blocks.12.hook_resid_pre`.
 /// A resid_pre direction of layer l lives where block l−1's output is: add it with
 /// `--layer l−1` (eval steer) / `layer = l−1` (bake-steering add).
 #[derive(Args, Debug)]
