@@ -138,6 +138,19 @@ pub fn refusal_eval(
     tok: &Tok,
     prompts: &[String],
     opts: &RefusalOpts,
+    progress: impl FnMut(usize, usize),
+) -> Result<RefusalReport> {
+    refusal_eval_hooked(model, tok, prompts, opts, &Hooks::new(), progress)
+}
+
+/// [`refusal_eval`] with runtime interventions (e.g. a direction added or projected out) applied
+/// to every forward pass: the prompt, every decoding step and the first-token log-prob.
+pub fn refusal_eval_hooked(
+    model: &Model,
+    tok: &Tok,
+    prompts: &[String],
+    opts: &RefusalOpts,
+    hooks: &Hooks,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<RefusalReport> {
     if prompts.is_empty() {
@@ -157,9 +170,9 @@ pub fn refusal_eval(
     progress(0, prompts.len());
     for chunk in score::length_batches(&lens, opts.batch) {
         let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
-        let out = generate_batch(model, &seqs, &gen, &mut Hooks::new(), pad)?;
+        let out = generate_batch(model, &seqs, &gen, &mut hooks.clone(), pad)?;
         let mut lps = vec![vec![]; chunk.len()];
-        score::next_token_logprobs(model, &seqs, seqs.len(), &mut Hooks::new(), |r, lp| {
+        score::next_token_logprobs(model, &seqs, seqs.len(), &mut hooks.clone(), |r, lp| {
             lps[r] = lp.to_vec();
             Ok(())
         })?;
@@ -213,6 +226,12 @@ pub struct KlReport {
 /// (the prompts are tokenised once). Runs in slices so that only a slice's reference
 /// distributions are held in memory.
 pub fn first_token_kl(reference: &Model, model: &Model, prompts: &[Vec<u32>], batch: usize) -> Result<KlReport> {
+    first_token_kl_hooked(reference, model, &Hooks::new(), prompts, batch)
+}
+
+/// [`first_token_kl`] with runtime interventions applied to `model` (not to the reference): with
+/// `reference` = `model`, the cost of an intervention (e.g. a direction projected out everywhere).
+pub fn first_token_kl_hooked(reference: &Model, model: &Model, hooks: &Hooks, prompts: &[Vec<u32>], batch: usize) -> Result<KlReport> {
     if prompts.is_empty() {
         return Err(Error::invalid("first-token KL: no prompts"));
     }
@@ -230,7 +249,7 @@ pub fn first_token_kl(reference: &Model, model: &Model, prompts: &[Vec<u32>], ba
             ref_lp[i] = lp.to_vec();
             Ok(())
         })?;
-        score::next_token_logprobs(model, part, batch, &mut Hooks::new(), |i, lp| {
+        score::next_token_logprobs(model, part, batch, &mut hooks.clone(), |i, lp| {
             per_prompt[s * slice + i] = score::kl(&ref_lp[i], lp);
             Ok(())
         })?;

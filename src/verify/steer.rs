@@ -12,8 +12,8 @@
 //!   next-token position;
 //! - the cost: KL(unsteered ‖ steered) of the next-token distributions, mean and max over prompts.
 //!
-//! [`mean_diff_direction`] (difference of means of last-token resid_post between two prompt
-//! sets) lives here for now; the locate issue will generalise it (positions, hook sites, PCA).
+//! [`mean_diff_direction`] is the last-token resid_post case of `locate::direction` (`mechc
+//! locate direction`), which finds and scores directions for this sweep.
 
 use std::path::Path;
 
@@ -79,26 +79,20 @@ fn check_layer(model: &Model, layer: usize, what: &str) -> Result<()> {
 
 /// Difference of means of the last token's `blocks.{layer}.hook_resid_post` between two prompt
 /// sets (positive − negative), unnormalised. `chat` wraps each prompt in the chat template.
-/// A first, fixed-position version of the locate issue's direction finders.
+/// The fixed-position case of [`crate::locate::direction`] (which also does other sites,
+/// positions, PCA and held-out scoring).
 pub fn mean_diff_direction(model: &Model, tok: &Tok, pos: &[String], neg: &[String], layer: usize, chat: bool) -> Result<Tensor> {
+    use crate::locate::direction::{activations, direction, prompt_examples, DirMethod, Positions, Site};
     check_layer(model, layer, "layer")?;
     if pos.is_empty() || neg.is_empty() {
         return Err(Error::invalid("mean_diff_direction: both prompt sets must be non-empty"));
     }
-    let d = model.cfg.hidden_size;
-    let mean = |texts: &[String]| -> Result<Vec<f64>> {
-        let ids = tok.prompts_ids(texts, chat)?;
-        let mut sum = vec![0f64; d];
-        crate::verify::score::last_token(model, &ids, 16, &Hooks::new(), Some(HookPoint::ResidPost(layer)), |_, _, a| {
-            let a = a.expect("captured");
-            sum.iter_mut().zip(a).for_each(|(s, &x)| *s += x as f64);
-            Ok(())
-        })?;
-        Ok(sum.into_iter().map(|s| s / texts.len() as f64).collect())
+    let acts = |texts: &[String]| -> Result<Vec<Vec<f32>>> {
+        let ex = prompt_examples(tok, texts, chat, Positions::Last)?;
+        Ok(activations(model, &ex, Site::ResidPost, &[layer], 16, |_, _| {})?.remove(0))
     };
-    let (p, n) = (mean(pos)?, mean(neg)?);
-    let diff: Vec<f32> = p.iter().zip(&n).map(|(a, b)| (a - b) as f32).collect();
-    Ok(Tensor::from_vec(diff, d, &Device::Cpu)?)
+    let v = direction(DirMethod::MeanDiff, &acts(pos)?, &acts(neg)?)?;
+    Ok(Tensor::from_vec(v, model.cfg.hidden_size, &Device::Cpu)?)
 }
 
 /// The behaviour score a sweep reports as `score`.
