@@ -33,7 +33,8 @@ use crate::runtime::generate::{generate_batch, GenOpts};
 use crate::runtime::{Batch, HookPoint, Hooks, Op};
 use crate::tokenizer::Tok;
 
-/// The optimisation settings of v* (ROME's GPT-2 XL hyper-parameters by default).
+/// The optimisation settings of v*: ROME's (GPT-2 XL), except the weight decay, which is
+/// EasyEdit's Llama value (0.5 assumes GPT-2 XL's large MLP outputs).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Hparams {
     pub steps: usize,
@@ -46,7 +47,7 @@ pub struct Hparams {
 
 impl Default for Hparams {
     fn default() -> Self {
-        Hparams { steps: 20, lr: 0.5, kl_factor: 0.0625, weight_decay: 0.5, clamp: 4.0, stop_loss: 0.05 }
+        Hparams { steps: 20, lr: 0.5, kl_factor: 0.0625, weight_decay: 1e-3, clamp: 4.0, stop_loss: 0.05 }
     }
 }
 
