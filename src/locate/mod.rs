@@ -2,6 +2,7 @@
 //! the CLI for each lives in `src/cli/locate/`.
 
 pub mod block_influence;
+pub mod causal_trace;
 pub mod logit_lens;
 
 use std::path::Path;

@@ -1,6 +1,7 @@
 //! `mechc locate METHOD`: score components and write findings, one file per method.
 
 pub mod block_influence;
+pub mod causal_trace;
 pub mod logit_lens;
 
 use std::path::{Path, PathBuf};
@@ -22,12 +23,14 @@ pub struct LocateArgs {
 #[derive(Subcommand, Debug)]
 pub enum Method {
     BlockInfluence(block_influence::BlockInfluenceArgs),
+    CausalTrace(causal_trace::CausalTraceArgs),
     LogitLens(logit_lens::LogitLensArgs),
 }
 
 pub fn run(a: LocateArgs, g: &Global) -> anyhow::Result<()> {
     match a.method {
         Method::BlockInfluence(a) => block_influence::run(a, g),
+        Method::CausalTrace(a) => causal_trace::run(a, g),
         Method::LogitLens(a) => logit_lens::run(a, g),
     }
 }
