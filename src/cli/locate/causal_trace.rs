@@ -115,7 +115,7 @@ pub fn run(a: CausalTraceArgs, g: &Global) -> anyhow::Result<()> {
             let ids = tok.prompt_ids(p, a.chat)?;
             let subject = ct::subject_range(tok, &ids, s)?;
             let target = match &a.target {
-                Some(t) => Some(first_token(tok, t)?),
+                Some(t) => Some(super::first_token(tok, "--target", t)?),
                 None => None,
             };
             (vec![Fact { label: p.clone(), ids, subject }], target, vec![Source::inline(p)], json!({}))
@@ -156,13 +156,6 @@ pub fn run(a: CausalTraceArgs, g: &Global) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn first_token(tok: &Tok, text: &str) -> anyhow::Result<u32> {
-    match tok.encode(text, false)?.first() {
-        Some(&t) => Ok(t),
-        None => anyhow::bail!("--target {text:?} has no tokens"),
-    }
-}
-
 /// The facts of --facts to trace: those asked for by --ids, that the model gets right (unless
 /// --include-wrong), up to --limit. Returns them and the counts of facts passed over, by reason.
 fn select_facts(
@@ -192,7 +185,7 @@ fn select_facts(
             continue;
         };
         if !a.include_wrong {
-            let answer = first_token(tok, &format!(" {}", set.str_field(i, "attribute")?))?;
+            let answer = super::first_token(tok, "attribute", &format!(" {}", set.str_field(i, "attribute")?))?;
             if ct::greedy(model, &ids)? != answer {
                 wrong += 1;
                 continue;

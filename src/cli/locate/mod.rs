@@ -3,6 +3,7 @@
 pub mod block_influence;
 pub mod causal_trace;
 pub mod logit_lens;
+pub mod patch;
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +26,7 @@ pub enum Method {
     BlockInfluence(block_influence::BlockInfluenceArgs),
     CausalTrace(causal_trace::CausalTraceArgs),
     LogitLens(logit_lens::LogitLensArgs),
+    Patch(patch::PatchArgs),
 }
 
 pub fn run(a: LocateArgs, g: &Global) -> anyhow::Result<()> {
@@ -32,6 +34,7 @@ pub fn run(a: LocateArgs, g: &Global) -> anyhow::Result<()> {
         Method::BlockInfluence(a) => block_influence::run(a, g),
         Method::CausalTrace(a) => causal_trace::run(a, g),
         Method::LogitLens(a) => logit_lens::run(a, g),
+        Method::Patch(a) => patch::run(a, g),
     }
 }
 
@@ -43,6 +46,14 @@ fn check_out(out: Option<&Path>, force: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The first token of an answer given as `flag TEXT`.
+fn first_token(tok: &crate::tokenizer::Tok, flag: &str, text: &str) -> anyhow::Result<u32> {
+    match tok.encode(text, false)?.first() {
+        Some(&t) => Ok(t),
+        None => anyhow::bail!("{flag} {text:?} has no tokens"),
+    }
 }
 
 /// Print the findings (unless quiet) and write them if asked.
