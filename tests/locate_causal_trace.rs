@@ -210,3 +210,49 @@ fn cli_on_stories260k() {
     common::fails(common::mechc().args(base).args(["--facts", "/nonexistent.json"]), &["/nonexistent.json"]);
     common::fails(common::mechc().args(base).args(["--facts", facts.to_str().unwrap(), "--ids", "7"]), &["--ids"]);
 }
+
+/// ROME's qualitative result on SmolLM2, on the first few short known_1000 facts the model
+/// answers right.
+#[test]
+fn smollm2_mlp_restoration_peaks_at_the_last_subject_token() {
+    let Some(path) = common::registry_model(common::SMOLLM2) else { return };
+    if std::env::var_os("MECHC_CACHE").is_none() {
+        std::env::set_var("MECHC_CACHE", common::cache());
+    }
+    let loaded = mechc::io::load(&path, false).unwrap();
+    let (m, tok) = (&loaded.model, loaded.tok().unwrap());
+    let set = mechc::data::RecordSet::load(&common::shared_data().join("prompts/facts/known_1000.json"), 0).unwrap();
+    let opt = Options { samples: 10, noise: ct::default_noise(m).unwrap(), window: 10, seed: 1, kinds: vec![TraceKind::Mlp] };
+    let mut traces = vec![];
+    for i in 0..set.records.len() {
+        if traces.len() == 3 {
+            break;
+        }
+        let field = |f: &str| set.str_field(i, f).unwrap().to_string();
+        let ids = tok.prompt_ids(&field("prompt"), false).unwrap();
+        let answer = tok.encode(&format!(" {}", field("attribute")), false).unwrap()[0];
+        if ids.len() > 8 || ct::greedy(m, &ids).unwrap() != answer {
+            continue;
+        }
+        let subject = ct::subject_range(tok, &ids, &field("subject")).unwrap();
+        let tr = ct::causal_trace(m, &ids, subject, None, &opt, |_, _| {}).unwrap();
+        assert_eq!(tr.target, answer);
+        assert!(tr.p_corrupt < tr.p_clean, "{tr:?}");
+        traces.push(tr);
+    }
+    assert_eq!(traces.len(), 3);
+    let (avg, _) = ct::class_effects(&traces, TraceKind::Mlp);
+    let layers = m.blocks.len();
+    let peak = |row: &[f64], range: std::ops::Range<usize>| range.map(|l| row[l]).fold(f64::MIN, f64::max);
+    let (first, last_subject) = (&avg[0], &avg[2]);
+    let best = (0..layers).max_by(|&a, &b| last_subject[a].total_cmp(&last_subject[b])).unwrap();
+    eprintln!("MLP AIE at the last subject token: {last_subject:.3?}");
+    // The peak is in the first two thirds of the layers, clearly above zero, and it fades by
+    // the last layers (restoring late MLPs at the subject does little).
+    assert!(best < 2 * layers / 3, "peak at layer {best}: {last_subject:?}");
+    let early = peak(last_subject, 0..2 * layers / 3);
+    assert!(early > 0.05, "{last_subject:?}");
+    assert!(peak(last_subject, layers - 5..layers) < 0.5 * early, "{last_subject:?}");
+    // The last subject token carries more than the first one.
+    assert!(early > peak(first, 0..layers), "first {first:?} last {last_subject:?}");
+}

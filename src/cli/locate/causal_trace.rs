@@ -138,6 +138,13 @@ pub fn run(a: CausalTraceArgs, g: &Global) -> anyhow::Result<()> {
         "include_wrong": a.include_wrong, "skipped": skipped,
     });
     let mut f = ct::findings(&traces, decode, options, Source::model(&a.model)?, data);
+    if let Some(serde_json::Value::Array(list)) = f.summary.get_mut("facts") {
+        for (entry, fact) in list.iter_mut().zip(&facts) {
+            if let Some(o) = entry.as_object_mut() {
+                o.insert("fact".into(), fact.label.clone().into());
+            }
+        }
+    }
     if let Some(p) = &a.plot {
         let svg = if traces.len() == 1 { fact_plot(&traces[0], tok, a.window)? } else { aggregate_plot(&traces, a.window)? };
         crate::io::atomic::write_file(p, svg.as_bytes())?;
@@ -203,6 +210,7 @@ fn select_facts(
 
 fn trace_all(model: &Model, facts: &[Fact], target: Option<u32>, opt: &Options, g: &Global) -> anyhow::Result<Vec<Trace>> {
     let several = facts.len() > 1;
+    let start = std::time::Instant::now();
     let bar = crate::progress::bar(facts.len() as u64, if several { "facts" } else { "positions" }, g.progress());
     let mut traces = vec![];
     for (n, f) in facts.iter().enumerate() {
@@ -220,6 +228,10 @@ fn trace_all(model: &Model, facts: &[Fact], target: Option<u32>, opt: &Options, 
         traces.push(t);
     }
     bar.finish_and_clear();
+    if !g.quiet {
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!("traced {} fact(s) in {secs:.1} s ({:.1} s per fact)", traces.len(), secs / traces.len() as f64);
+    }
     Ok(traces)
 }
 
