@@ -362,9 +362,9 @@ pub fn causal_trace(
     let mut grids = vec![];
     for (n, &kind) in opt.kinds.iter().enumerate() {
         let mut grid = vec![vec![p_corrupt; layers]; t];
-        for i in subject.start..t {
+        for (i, row) in grid.iter_mut().enumerate().skip(subject.start) {
             progress(n * (t - subject.start) + i - subject.start, total);
-            grid[i] = restore_position(model, kind, i, &clean, &corrupt, target, opt)?;
+            *row = restore_position(model, kind, i, &clean, &corrupt, target, opt)?;
         }
         grids.push((kind, grid));
     }

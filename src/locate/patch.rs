@@ -140,6 +140,7 @@ fn patch_layer(model: &Model, site: PatchSite, l: usize, clean: &Hooks, corrupt:
 
 /// Patch every site of `sites` at every layer. `answer` / `wrong` default to the greedy tokens
 /// of the clean / corrupted prompts. `progress(done, total)` counts layers × sites.
+#[allow(clippy::too_many_arguments)]
 pub fn patch(
     model: &Model,
     clean_ids: &[u32],

@@ -323,7 +323,7 @@ impl Model {
         x: Tensor,
         layers: std::ops::Range<usize>,
         past: usize,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         hooks: &mut Hooks,
         opt: Fwd,
     ) -> Result<Tensor> {
@@ -353,7 +353,7 @@ impl Model {
         let attn_mask = AttnMask { past, t, key_valid: None };
         let mask = if opt.grad && t > 1 { Some(attn_mask.additive(b, &self.device)?) } else { None };
         let ctx = BlockCtx { cos: &cos, sin: &sin, mask: mask.as_ref(), attn_mask: &attn_mask };
-        self.run_blocks(x, layers, &ctx, cache.as_deref_mut(), hooks, opt)
+        self.run_blocks(x, layers, &ctx, cache, hooks, opt)
     }
 
     /// Blocks `layers` in order, honouring skipped blocks.
