@@ -2,8 +2,10 @@
 //! the CLI for each lives in `src/cli/locate/`.
 
 pub mod block_influence;
+pub mod causal_trace;
 pub mod direction;
 pub mod logit_lens;
+pub mod patch;
 
 use std::path::Path;
 

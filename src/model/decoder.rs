@@ -124,6 +124,14 @@ pub struct Fwd {
     pub precise: bool,
 }
 
+/// What every block of one forward shares: rotary tables and the attention mask.
+struct BlockCtx<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    mask: Option<&'a Tensor>,
+    attn_mask: &'a AttnMask,
+}
+
 #[derive(Debug, Clone)]
 pub struct Model {
     pub cfg: ModelConfig,
@@ -273,15 +281,8 @@ impl Model {
         let x = self.embed.index_select(&ids, 0)?.reshape((b, t, self.cfg.hidden_size))?;
         let mut x = hooks.site(HookPoint::Embed, x)?;
 
-        for (l, blk) in self.blocks.iter().enumerate() {
-            x = hooks.site(HookPoint::ResidPre(l), x)?;
-            if hooks.skips(l) {
-                x = hooks.site(HookPoint::ResidPost(l), x)?;
-                continue;
-            }
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            x = self.block(l, blk, x, &cos, &sin, mask.as_ref(), &attn_mask, layer_cache, hooks, opt)?;
-        }
+        let ctx = BlockCtx { cos: &cos, sin: &sin, mask: mask.as_ref(), attn_mask: &attn_mask };
+        x = self.run_blocks(x, 0..self.blocks.len(), &ctx, cache.as_deref_mut(), hooks, opt)?;
         if let Some(c) = cache.as_deref_mut() {
             if c.valid.len() != b {
                 c.valid = vec![vec![]; b];
@@ -290,6 +291,13 @@ impl Model {
                 c.valid[r].extend_from_slice(v);
             }
         }
+        self.unembed(x, hooks, opt)
+    }
+
+    /// The final norm and the unembedding of the residual stream `x` [b, t, d_model] (the last
+    /// position only with `last_only`), through the `ln_final.hook_normalized` and `logits` sites.
+    pub fn unembed(&self, x: Tensor, hooks: &mut Hooks, opt: Fwd) -> Result<Tensor> {
+        let t = x.dim(1)?;
         let x = if opt.last_only { x.narrow(1, t - 1, 1)? } else { x };
         let x = self.rms_norm(&x, &self.norm, opt.grad)?;
         let x = hooks.site(HookPoint::LnFinal, x)?;
@@ -301,6 +309,73 @@ impl Model {
             x.broadcast_matmul(&self.lm_head.t()?)?
         };
         hooks.site(HookPoint::Logits, logits)
+    }
+
+    /// Continue a forward inside the network: run blocks `layers` on the residual stream `x`
+    /// [b, t, d_model] entering the first of them, for tokens at positions `past..past + t` of
+    /// unpadded sequences. With `past > 0`, `cache` must hold every layer's keys and values of the
+    /// `past` earlier tokens ([b, kv_heads, past, head_dim], e.g. from a forward with a
+    /// [`KvCache`]); the cache's layers grow by the new tokens. Hook sites fire as in
+    /// [`Model::forward`]. Returns the residual stream after the last block (`x` for an empty
+    /// range); [`Model::unembed`] turns it into logits.
+    pub fn forward_from(
+        &self,
+        x: Tensor,
+        layers: std::ops::Range<usize>,
+        past: usize,
+        cache: Option<&mut KvCache>,
+        hooks: &mut Hooks,
+        opt: Fwd,
+    ) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        if t == 0 || d != self.cfg.hidden_size || layers.end > self.blocks.len() || layers.start > layers.end {
+            return Err(Error::invalid(format!(
+                "forward_from: states {:?} for layers {layers:?} of a {}-layer model with d_model {}",
+                x.dims(),
+                self.blocks.len(),
+                self.cfg.hidden_size
+            )));
+        }
+        for l in layers.clone() {
+            let seen = cache.as_deref().and_then(|c| c.layers.get(l)?.as_ref()).map(|(k, _)| k.dims().to_vec());
+            let ok = match &seen {
+                None => past == 0,
+                Some(dims) => dims.len() == 4 && dims[0] == b && dims[2] == past,
+            };
+            if !ok {
+                return Err(Error::invalid(format!(
+                    "forward_from: layer {l} has cached keys {seen:?}, expected {past} past position(s) for {b} row(s)"
+                )));
+            }
+        }
+        let positions: Vec<Vec<u32>> = vec![(past as u32..(past + t) as u32).collect(); b];
+        let (cos, sin) = self.rope.cos_sin(&positions, &self.device)?;
+        let attn_mask = AttnMask { past, t, key_valid: None };
+        let mask = if opt.grad && t > 1 { Some(attn_mask.additive(b, &self.device)?) } else { None };
+        let ctx = BlockCtx { cos: &cos, sin: &sin, mask: mask.as_ref(), attn_mask: &attn_mask };
+        self.run_blocks(x, layers, &ctx, cache, hooks, opt)
+    }
+
+    /// Blocks `layers` in order, honouring skipped blocks.
+    fn run_blocks(
+        &self,
+        mut x: Tensor,
+        layers: std::ops::Range<usize>,
+        ctx: &BlockCtx,
+        mut cache: Option<&mut KvCache>,
+        hooks: &mut Hooks,
+        opt: Fwd,
+    ) -> Result<Tensor> {
+        for l in layers {
+            x = hooks.site(HookPoint::ResidPre(l), x)?;
+            if hooks.skips(l) {
+                x = hooks.site(HookPoint::ResidPost(l), x)?;
+                continue;
+            }
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            x = self.block(l, &self.blocks[l], x, ctx.cos, ctx.sin, ctx.mask, ctx.attn_mask, layer_cache, hooks, opt)?;
+        }
+        Ok(x)
     }
 
     #[allow(clippy::too_many_arguments)]

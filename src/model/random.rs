@@ -94,7 +94,7 @@ pub fn random_model(cfg: ModelConfig, seed: u64) -> Result<Model> {
     })
 }
 
-mod rand_distr_shim {
+pub(crate) mod rand_distr_shim {
     use rand::Rng;
     /// A standard normal sample (Box–Muller); avoids a dependency for one function.
     pub fn normal(r: &mut impl Rng) -> f32 {

@@ -165,6 +165,84 @@ pub fn lines_svg(series: &[(String, Vec<(f64, f64)>)], title: &str, x_label: &st
     Ok(s)
 }
 
+/// One panel of [`heatmaps_svg`]: `values[row][col]`, rows labelled top to bottom, columns
+/// numbered from 0.
+pub struct Heatmap {
+    pub title: String,
+    pub rows: Vec<String>,
+    pub values: Vec<Vec<f64>>,
+    /// The colour of the panel's highest value; its lowest is white. NaN cells are grey.
+    pub color: RGBColor,
+    pub x_label: String,
+}
+
+/// Heatmaps side by side (e.g. ROME's causal-trace figure: tokens × layers per kind). Each
+/// panel's title carries its value range.
+pub fn heatmaps_svg(panels: &[Heatmap], title: &str) -> Result<String> {
+    use plotters::coord::ranged1d::SegmentValue;
+    let rows = panels.iter().map(|p| p.rows.len()).max().unwrap_or(0);
+    let cols = panels.iter().flat_map(|p| p.values.iter().map(Vec::len)).max().unwrap_or(0);
+    if panels.is_empty() || rows == 0 || cols == 0 {
+        return Err(Error::invalid("plot: no cells"));
+    }
+    let label_w = panels.iter().flat_map(|p| p.rows.iter()).map(|r| r.chars().count()).max().unwrap_or(4) as u32 * 7 + 12;
+    let (pw, h) = (label_w + 24 + 9 * cols as u32, 110 + 18 * rows as u32);
+    let mut s = String::new();
+    {
+        let root = SVGBackend::with_string(&mut s, (pw * panels.len() as u32, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let root = root.titled(title, ("sans-serif", 16)).map_err(plot_err)?;
+        for (area, p) in root.split_evenly((1, panels.len())).iter().zip(panels) {
+            let finite = p.values.iter().flatten().copied().filter(|v| v.is_finite());
+            let (lo, hi) = finite.fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
+            let span = if hi > lo { hi - lo } else { 1.0 };
+            let n = p.rows.len() as i32;
+            let mut c = ChartBuilder::on(area)
+                .caption(format!("{} ({:.3} – {:.3})", p.title, lo, hi), ("sans-serif", 13))
+                .margin(6)
+                .x_label_area_size(34)
+                .y_label_area_size(label_w)
+                .build_cartesian_2d((0..cols as i32).into_segmented(), (0..n).into_segmented())
+                .map_err(plot_err)?;
+            let labels = &p.rows;
+            c.configure_mesh()
+                .disable_mesh()
+                .x_desc(p.x_label.as_str())
+                .x_labels(cols)
+                .y_labels(labels.len())
+                .x_label_formatter(&|x| match x {
+                    SegmentValue::CenterOf(v) if v % 5 == 0 => v.to_string(),
+                    _ => String::new(),
+                })
+                .y_label_formatter(&|y| match y {
+                    SegmentValue::CenterOf(v) if *v >= 0 && *v < n => one_line(&labels[(n - 1 - v) as usize], 24),
+                    _ => String::new(),
+                })
+                .label_style(("sans-serif", 11))
+                .draw()
+                .map_err(plot_err)?;
+            let cells = p.values.iter().enumerate().flat_map(|(r, row)| row.iter().enumerate().map(move |(col, &v)| (r, col, v)));
+            c.draw_series(cells.map(|(r, col, v)| {
+                let y = n - 1 - r as i32;
+                let fill = if v.is_finite() {
+                    let a = ((v - lo) / span).clamp(0.0, 1.0);
+                    let mix = |w: u8| (255.0 - a * (255.0 - w as f64)).round() as u8;
+                    RGBColor(mix(p.color.0), mix(p.color.1), mix(p.color.2))
+                } else {
+                    RGBColor(200, 200, 200)
+                };
+                Rectangle::new(
+                    [(SegmentValue::Exact(col as i32), SegmentValue::Exact(y)), (SegmentValue::Exact(col as i32 + 1), SegmentValue::Exact(y + 1))],
+                    fill.filled(),
+                )
+            }))
+            .map_err(plot_err)?;
+        }
+        root.present().map_err(plot_err)?;
+    }
+    Ok(s)
+}
+
 /// The `diff` report: both models, the summary tables, the KL histogram and the moved prompts.
 pub fn write_diff(path: &Path, sides: &[Side; 2], p: Option<&PromptsDiff>, t: Option<&TextDiff>) -> Result<()> {
     let mut r = Report::new("mechc diff");
@@ -232,9 +310,19 @@ mod tests {
         r.table(&["a"], &[vec!["<script>"]]);
         r.svg(&histogram_svg(&[0.0, 0.1, 0.1, 0.5], 5, "h", "x").unwrap());
         r.svg(&lines_svg(&[("s".into(), vec![(0.0, 1.0), (1.0, 2.0)])], "l", "x", "y").unwrap());
+        let hm = Heatmap {
+            title: "h".into(),
+            rows: vec!["a*".into(), "<b>".into()],
+            values: vec![vec![0.0, 1.0, f64::NAN], vec![0.5, 0.5, 0.5]],
+            color: RGBColor(0, 100, 0),
+            x_label: "layer".into(),
+        };
+        let svg = heatmaps_svg(&[hm], "t").unwrap();
+        assert!(svg.contains("a*") && !svg.contains("<b>") && svg.matches("<rect").count() >= 6, "{svg}");
+        r.svg(&svg);
         let html = r.html();
         assert!(html.contains("&lt;script&gt;") && !html.contains("<script>"));
-        assert_eq!(html.matches("<svg").count(), 2);
+        assert_eq!(html.matches("<svg").count(), 3);
         // A constant value still gets a drawable range.
         assert!(histogram_svg(&[0.0, 0.0], 3, "h", "x").unwrap().contains("<rect"));
     }

@@ -1,8 +1,10 @@
 //! `mechc locate METHOD`: score components and write findings, one file per method.
 
 pub mod block_influence;
+pub mod causal_trace;
 pub mod direction;
 pub mod logit_lens;
+pub mod patch;
 
 use std::path::{Path, PathBuf};
 
@@ -23,15 +25,19 @@ pub struct LocateArgs {
 #[derive(Subcommand, Debug)]
 pub enum Method {
     BlockInfluence(block_influence::BlockInfluenceArgs),
+    CausalTrace(causal_trace::CausalTraceArgs),
     Direction(direction::DirectionArgs),
     LogitLens(logit_lens::LogitLensArgs),
+    Patch(patch::PatchArgs),
 }
 
 pub fn run(a: LocateArgs, g: &Global) -> anyhow::Result<()> {
     match a.method {
         Method::BlockInfluence(a) => block_influence::run(a, g),
+        Method::CausalTrace(a) => causal_trace::run(a, g),
         Method::Direction(a) => direction::run(a, g),
         Method::LogitLens(a) => logit_lens::run(a, g),
+        Method::Patch(a) => patch::run(a, g),
     }
 }
 
@@ -43,6 +49,14 @@ fn check_out(out: Option<&Path>, force: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The first token of an answer given as `flag TEXT`.
+fn first_token(tok: &crate::tokenizer::Tok, flag: &str, text: &str) -> anyhow::Result<u32> {
+    match tok.encode(text, false)?.first() {
+        Some(&t) => Ok(t),
+        None => anyhow::bail!("{flag} {text:?} has no tokens"),
+    }
 }
 
 /// Print the findings (unless quiet) and write them if asked.

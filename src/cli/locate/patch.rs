@@ -1,0 +1,123 @@
+//! `mechc locate patch`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use serde_json::json;
+
+use super::Global;
+use crate::ir::Source;
+use crate::locate::patch::{self as ap, Metric, PatchSite};
+use crate::report::{heatmaps_svg, Heatmap};
+
+/// Activation patching: run a clean and a corrupted prompt of the same token length (e.g. "The
+/// Eiffel Tower is in" / "The Colosseum is in"), patch one clean activation at a time into the
+/// corrupted run, and measure the normalised effect (m_patched − m_corrupt) / (m_clean −
+/// m_corrupt) on the metric at the last position: the logit difference between the answer and
+/// the wrong answer, or p(answer). Sites: the residual stream entering each block and each MLP's
+/// output per position, and each attention head's output (`attn.hook_z`, all positions).
+///
+/// Findings: `L{l}` (resid) and `L{l}.mlp` with score = the largest effect over positions;
+/// `L{l}.H{h}` with score = the head's effect. The summary holds the full grids.
+#[derive(Args, Debug)]
+pub struct PatchArgs {
+    /// HF model directory or .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The clean prompt (its activations are patched in).
+    #[arg(long)]
+    pub clean: String,
+    /// The corrupted prompt (patched); must have as many tokens as --clean.
+    #[arg(long)]
+    pub corrupted: String,
+    /// Wrap the prompts in the chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// The answer (first token counts; mind the leading space). Default: the greedy next token
+    /// on the clean prompt.
+    #[arg(long)]
+    pub answer: Option<String>,
+    /// The wrong answer of the logit difference. Default: the greedy next token on the
+    /// corrupted prompt.
+    #[arg(long)]
+    pub wrong: Option<String>,
+    /// The metric at the last position.
+    #[arg(long, value_enum, default_value_t = Metric::LogitDiff)]
+    pub metric: Metric,
+    /// Sites to patch (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = PatchSite::ALL.to_vec())]
+    pub sites: Vec<PatchSite>,
+    /// Write the findings (JSON) here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Plot the normalised effects (SVG): positions × layers for resid and mlp, heads × layers.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Replace --out / --plot if they exist.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn run(a: PatchArgs, g: &Global) -> anyhow::Result<()> {
+    super::check_out(a.out.as_deref(), a.force)?;
+    super::check_out(a.plot.as_deref(), a.force)?;
+    let loaded = crate::io::load(&a.model, g.progress())?;
+    let (model, tok) = (&loaded.model, loaded.tok()?);
+    let clean = tok.prompt_ids(&a.clean, a.chat)?;
+    let corrupt = tok.prompt_ids(&a.corrupted, a.chat)?;
+    if clean.len() != corrupt.len() {
+        anyhow::bail!(
+            "--clean has {} tokens and --corrupted {}: activation patching needs prompts of the same token length",
+            clean.len(),
+            corrupt.len()
+        );
+    }
+    let answer = a.answer.as_deref().map(|t| super::first_token(tok, "--answer", t)).transpose()?;
+    let wrong = a.wrong.as_deref().map(|t| super::first_token(tok, "--wrong", t)).transpose()?;
+    let bar = crate::progress::bar(0, "layers", g.progress());
+    let p = ap::patch(model, &clean, &corrupt, answer, wrong, a.metric, &a.sites, |i, n| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64);
+    })?;
+    bar.finish_and_clear();
+    let decode = |id: u32| tok.decode(&[id], false).unwrap_or_else(|_| format!("<{id}>"));
+    let options = json!({
+        "clean": a.clean, "corrupted": a.corrupted, "chat": a.chat, "metric": a.metric,
+        "answer_id": p.answer, "answer": decode(p.answer),
+        "wrong_id": p.wrong, "wrong": p.wrong.map(decode),
+        "sites": a.sites.iter().map(|s| s.name()).collect::<Vec<_>>(),
+    });
+    let data = vec![Source::inline(&a.clean), Source::inline(&a.corrupted)];
+    let mut f = ap::findings(&p, options, Source::model(&a.model)?, data);
+    if let Some(path) = &a.plot {
+        let rows: Vec<String> = clean
+            .iter()
+            .zip(&corrupt)
+            .map(|(&c, &x)| if c == x { decode(c) } else { format!("{}/{}", decode(c), decode(x)) })
+            .collect();
+        let panels: Vec<Heatmap> = p
+            .grids
+            .iter()
+            .map(|(site, grid)| Heatmap {
+                title: site.name().to_string(),
+                rows: if *site == PatchSite::Head { (0..grid.len()).map(|h| format!("H{h}")).collect() } else { rows.clone() },
+                values: grid.clone(),
+                color: plotters::style::RGBColor(8, 69, 148),
+                x_label: "layer".into(),
+            })
+            .collect();
+        let title = format!("Activation patching, normalised {:?} (clean {:.3}, corrupted {:.3})", a.metric, p.m_clean, p.m_corrupt);
+        crate::io::atomic::write_file(path, heatmaps_svg(&panels, &title)?.as_bytes())?;
+    }
+    if let Some(path) = &a.out {
+        f.write(path)?;
+        if !g.quiet {
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    if !g.quiet {
+        f.summary.remove("grids");
+        print!("{}", f.to_text());
+    }
+    Ok(())
+}
