@@ -198,3 +198,49 @@ fn covariance_is_the_mean_outer_product_and_is_cached() {
     m3.embed = (&m3.embed * 2.0).unwrap();
     assert!(!Covariance::cached(&m3, layer, &ids, 10, dir.path(), |_, _| {}).unwrap().1, "other weights, same key");
 }
+
+/// Use case 3 in small, on the real model: two CounterFact edits compiled into SmolLM2 (C = I to
+/// keep CI short; configs/smollm2-rome-facts.toml uses the covariance). The compile's
+/// `[verify.edit]` numbers are what `mechc eval edit` measures on the emitted checkpoint, and
+/// the edits took: both new targets now win on their prompts, which the source preferred less.
+#[test]
+fn smollm2_compiled_edits_are_what_eval_edit_measures() {
+    let Some(model) = common::registry_model(common::SMOLLM2) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let facts = common::shared_data().join("prompts/counterfact/counterfact-edit.json");
+    let out = tmp.path().join("out");
+    let p = tmp.path().join("p.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "version = 1\n[model]\npath = \"{m}\"\n[[pass]]\nname = \"rank-one-edit\"\nfacts = \"{f}\"\nids = [0, 4]\nlayer = 4\ncovariance = \"identity\"\n\
+             [verify.edit]\nrecords = \"{f}\"\nids = [\"0\", \"4\"]\nmin_efficacy = 100\n[output]\npath = \"{o}\"\n",
+            m = model.display(),
+            f = facts.display(),
+            o = out.display()
+        ),
+    )
+    .unwrap();
+    common::mechc().arg("compile").arg(&p).assert().success();
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("mechc-manifest.json")).unwrap()).unwrap();
+    let metric = |k: &str| manifest["verify"]["metrics"][k].as_f64().unwrap_or_else(|| panic!("{k} missing"));
+    let o = common::mechc()
+        .args(["eval", "edit", "--model"])
+        .arg(&out)
+        .arg("--records")
+        .arg(&facts)
+        .args(["--ids", "0,4", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let m = &r["model"];
+    assert_eq!(m["n"], 2);
+    for (k, name) in [("efficacy", "edit_efficacy"), ("paraphrase", "edit_paraphrase"), ("neighbourhood", "edit_neighbourhood")] {
+        assert_eq!(m[k]["rate"].as_f64().unwrap(), metric(name), "{k}");
+    }
+    assert_eq!(m["score"].as_f64().unwrap(), metric("edit_score"));
+    assert_eq!(metric("edit_efficacy"), 100.0);
+    assert!(metric("edit_efficacy_source") < 100.0, "the source already preferred both new targets");
+    eprintln!("ROME, 2 edits at L4 (C = I): {}", manifest["passes"][0]["summary"]);
+}

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from interop_common import MODELS
+from interop_common import MODELS, SHARED_DATA
 from test_hf_interop import CODE, SHORT, compare_logits, wiki_paragraph
 
 PROMPTS = {"short": SHORT, "code": CODE}
+FACTS = SHARED_DATA / "prompts" / "counterfact" / "counterfact-edit.json"
 
 # (id, [[pass]] body, expected config fields)
 VARIANTS = [
@@ -38,6 +39,9 @@ VARIANTS = [
             "open: loads in transformers, top-1 agrees 5/5, but max|Δlogit| 2.0e-3 on 'short' and mechc is 1.6e-3 from a "
             "float64 run vs transformers-f32 3.5e-4 (the folded o_proj biases reach norm 71 in layer 24); not yet explained")),
         id="heads-1-per-group-mean"),
+    # One ROME edit (C = I, few steps: the point here is the emitted down_proj, not the edit).
+    pytest.param("rome-1", 'name = "rank-one-edit"\nfacts = "FACTS"\nids = [0]\nlayer = 4\ncovariance = "identity"\nsteps = 5',
+                 {"intermediate_size": 1536, "mlp_bias": False}, id="rome-1"),
 ]
 
 
@@ -59,7 +63,7 @@ def compile_smollm2(mechc, workdir: Path, name: str, body: str, calib: Path) -> 
     out = workdir / f"compiled-{name}"
     pipe = workdir / f"{name}.toml"
     pipe.write_text(
-        f'version = 1\n[model]\npath = "{spec.gguf}"\n[[pass]]\n{body.replace("CALIB", str(calib))}\n'
+        f'version = 1\n[model]\npath = "{spec.gguf}"\n[[pass]]\n{body.replace("CALIB", str(calib)).replace("FACTS", str(FACTS))}\n'
         f'[output]\npath = "{out}"\ndtype = "f32"\n'
     )
     mechc.run("compile", pipe, "--force")
