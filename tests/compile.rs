@@ -102,8 +102,19 @@ fn pipeline_errors_are_one_line() {
 fn skip_layers_output_equals_the_twin_and_dry_run_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let p = pipeline(tmp.path(), "skip", "[[pass]]\nname = \"skip-layers\"\nlayers = [1, 3]");
-    common::mechc().arg("compile").arg(&p).arg("--dry-run").assert().success();
+    let o = common::mechc().arg("compile").arg(&p).arg("--dry-run").arg("--dump-ir").output().unwrap();
+    assert!(o.status.success());
     assert!(!tmp.path().join("out-skip").exists());
+    // --dump-ir: the IR before and after the pass, each parsing back, 5 blocks then 3.
+    let text = String::from_utf8(o.stdout).unwrap();
+    let dumps: Vec<&str> = text.split("; --- ").filter(|s| !s.is_empty()).collect();
+    assert_eq!(dumps.len(), 2, "{text}");
+    let ir = |d: &str| mechc::ir::Ir::parse(d.split_once('\n').unwrap().1).unwrap();
+    let (before, after) = (ir(dumps[0]), ir(dumps[1]));
+    assert!(dumps[1].starts_with("IR after pass skip-layers"));
+    let blocks = |ir: &mechc::ir::Ir| ir.components().iter().filter(|c| c.kind() == mechc::ir::Kind::Block).count();
+    assert_eq!((blocks(&before), blocks(&after)), (5, 3));
+    assert!(after.params() < before.params());
     common::mechc().arg("compile").arg(&p).assert().success();
     let compiled = mechc::io::load(&tmp.path().join("out-skip"), false).unwrap();
     assert_eq!(compiled.model.cfg.num_layers, 3);

@@ -26,6 +26,10 @@ pub struct CompileArgs {
     /// verification and write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Print the component IR (`mechc inspect --ir` notation) before the first pass and after
+    /// each pass, on stdout, each preceded by a `; ---` header line.
+    #[arg(long)]
+    pub dump_ir: bool,
     /// Also write the verification as an HTML report.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -43,7 +47,14 @@ pub fn run(a: CompileArgs, g: &Global) -> anyhow::Result<()> {
     };
     say(format!("source {} ({:.2}M parameters)", source_path.display(), loaded.model.param_count() as f64 / 1e6));
     let n = plan.passes.len();
-    let (compiled, records) = plan.run_passes(&loaded.model, |r, _| {
+    let dump = |what: String, m: &crate::model::Model| {
+        if a.dump_ir {
+            print!("; --- {what}\n{}", crate::ir::Ir::from_model(m).to_text());
+        }
+    };
+    dump("IR before the passes".into(), &loaded.model);
+    let (compiled, records) = plan.run_passes(&loaded.model, |r, m| {
+        dump(format!("IR after pass {}", r.name), m);
         say(format!(
             "pass {}: {} ({:.2}M → {:.2}M parameters, {:.2} s)",
             r.name,
