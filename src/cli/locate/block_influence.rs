@@ -79,5 +79,5 @@ pub fn run(a: BlockInfluenceArgs, g: &Global) -> anyhow::Result<()> {
         )?;
         crate::io::atomic::write_file(p, svg.as_bytes())?;
     }
-    super::finish(&f, a.out.as_ref(), g)
+    super::finish(f, a.out.as_ref(), g, &[])
 }

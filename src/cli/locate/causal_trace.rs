@@ -149,18 +149,8 @@ pub fn run(a: CausalTraceArgs, g: &Global) -> anyhow::Result<()> {
         let svg = if traces.len() == 1 { fact_plot(&traces[0], tok, a.window)? } else { aggregate_plot(&traces, a.window)? };
         crate::io::atomic::write_file(p, svg.as_bytes())?;
     }
-    if let Some(p) = &a.out {
-        f.write(p)?;
-        if !g.quiet {
-            eprintln!("wrote {}", p.display());
-        }
-    }
-    if !g.quiet {
-        // The per-fact grids are in the file; the terminal gets the scores.
-        f.summary.remove("facts");
-        print!("{}", f.to_text());
-    }
-    Ok(())
+    // The per-fact grids are in the file; the terminal gets the scores.
+    super::finish(f, a.out.as_ref(), g, &["facts"])
 }
 
 /// The facts of --facts to trace: those asked for by --ids, that the model gets right (unless

@@ -241,5 +241,5 @@ pub fn run(a: DirectionArgs, g: &Global) -> anyhow::Result<()> {
     if !g.quiet {
         eprint!("{}", dir::table(&r));
     }
-    super::finish(&f, a.out.as_ref(), g)
+    super::finish(f, a.out.as_ref(), g, &[])
 }

@@ -59,16 +59,20 @@ fn first_token(tok: &crate::tokenizer::Tok, flag: &str, text: &str) -> anyhow::R
     }
 }
 
-/// Print the findings (unless quiet) and write them if asked.
-fn finish(f: &Findings, out: Option<&PathBuf>, g: &Global) -> anyhow::Result<()> {
-    if !g.quiet {
-        print!("{}", f.to_text());
-    }
+/// Write the findings if asked, then print them (unless quiet) without the summary entries
+/// named in `hide` (bulky ones, e.g. per-fact grids, that only the file needs).
+fn finish(mut f: Findings, out: Option<&PathBuf>, g: &Global, hide: &[&str]) -> anyhow::Result<()> {
     if let Some(p) = out {
         f.write(p)?;
         if !g.quiet {
             eprintln!("wrote {}", p.display());
         }
+    }
+    if !g.quiet {
+        for k in hide {
+            f.summary.remove(*k);
+        }
+        print!("{}", f.to_text());
     }
     Ok(())
 }

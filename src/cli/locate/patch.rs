@@ -88,7 +88,7 @@ pub fn run(a: PatchArgs, g: &Global) -> anyhow::Result<()> {
         "sites": a.sites.iter().map(|s| s.name()).collect::<Vec<_>>(),
     });
     let data = vec![Source::inline(&a.clean), Source::inline(&a.corrupted)];
-    let mut f = ap::findings(&p, options, Source::model(&a.model)?, data);
+    let f = ap::findings(&p, options, Source::model(&a.model)?, data);
     if let Some(path) = &a.plot {
         let rows: Vec<String> = clean
             .iter()
@@ -109,15 +109,5 @@ pub fn run(a: PatchArgs, g: &Global) -> anyhow::Result<()> {
         let title = format!("Activation patching, normalised {:?} (clean {:.3}, corrupted {:.3})", a.metric, p.m_clean, p.m_corrupt);
         crate::io::atomic::write_file(path, heatmaps_svg(&panels, &title)?.as_bytes())?;
     }
-    if let Some(path) = &a.out {
-        f.write(path)?;
-        if !g.quiet {
-            eprintln!("wrote {}", path.display());
-        }
-    }
-    if !g.quiet {
-        f.summary.remove("grids");
-        print!("{}", f.to_text());
-    }
-    Ok(())
+    super::finish(f, a.out.as_ref(), g, &["grids"])
 }
