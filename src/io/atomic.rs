@@ -29,7 +29,7 @@ impl OutDir {
         let parent = abs.parent().ok_or_else(|| Error::output(target, "has no parent directory"))?;
         std::fs::create_dir_all(parent).with_path(parent)?;
         let name = abs.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = parent.join(format!(".{name}.mechc-tmp-{}", std::process::id()));
+        let tmp = tmp_sibling(parent, &name);
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).with_path(&tmp)?;
         }
@@ -49,16 +49,18 @@ impl OutDir {
     /// Move the finished directory into place.
     pub fn commit(mut self) -> Result<PathBuf> {
         make_readable(&self.tmp)?;
+        let appeared = || Error::output(&self.target, "appeared while we were writing; left untouched");
         if self.target.exists() {
             if !self.force {
-                return Err(Error::output(&self.target, "appeared while we were writing; left untouched"));
+                return Err(appeared());
             }
             let old = self.tmp.with_extension("old");
             std::fs::rename(&self.target, &old).with_path(&self.target)?;
             std::fs::rename(&self.tmp, &self.target).with_path(&self.target)?;
             let _ = remove(&old);
-        } else {
-            std::fs::rename(&self.tmp, &self.target).with_path(&self.target)?;
+        } else if let Err(e) = std::fs::rename(&self.tmp, &self.target) {
+            // Lost a race with another writer: its whole directory is there now.
+            return Err(if self.target.exists() { appeared() } else { Error::io(&self.target, e) });
         }
         self.done = true;
         Ok(self.target.clone())
@@ -71,6 +73,14 @@ impl Drop for OutDir {
             let _ = std::fs::remove_dir_all(&self.tmp);
         }
     }
+}
+
+/// A temporary name unique to this process *and* this call: two threads of one process writing
+/// the same target (tests importing the same GGUF into the cache) must not share a directory.
+fn tmp_sibling(parent: &Path, name: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    parent.join(format!(".{name}.mechc-tmp-{}-{n}", std::process::id()))
 }
 
 fn remove(p: &Path) -> std::io::Result<()> {
@@ -116,7 +126,7 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let parent = abs.parent().ok_or_else(|| Error::output(path, "has no parent directory"))?;
     std::fs::create_dir_all(parent).with_path(parent)?;
     let name = abs.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.mechc-tmp-{}", std::process::id()));
+    let tmp = tmp_sibling(parent, &name);
     let res = std::fs::write(&tmp, bytes).with_path(&tmp).and_then(|_| make_readable(&tmp)).and_then(|_| {
         std::fs::rename(&tmp, &abs).with_path(&abs)
     });
@@ -124,4 +134,42 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two threads of one process writing the same directory: each gets its own temporary, one
+    /// commits, the other is told the target appeared, and the target is whole.
+    #[test]
+    fn concurrent_writers_of_one_target_do_not_share_a_temporary() {
+        let root = std::env::temp_dir().join(format!("mechc-atomic-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let target = root.join("out");
+        let barrier = std::sync::Barrier::new(2);
+        let results: Vec<Result<PathBuf>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|i| {
+                    let (target, barrier) = (&target, &barrier);
+                    s.spawn(move || {
+                        let d = OutDir::create(target, false, &[])?;
+                        barrier.wait();
+                        std::fs::write(d.path().join("a"), format!("{i}")).with_path(d.path())?;
+                        barrier.wait();
+                        d.commit()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
+        let err = results.iter().find_map(|r| r.as_ref().err()).unwrap().to_string();
+        assert!(err.contains("appeared while we were writing"), "{err}");
+        let written = std::fs::read_to_string(target.join("a")).unwrap();
+        assert!(written == "0" || written == "1");
+        let leftovers: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers.len(), 1, "temporaries left behind: {leftovers:?}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }
