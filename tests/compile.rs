@@ -156,3 +156,73 @@ fn task_budgets_run_on_both_models_and_point_at_their_section() {
     assert_eq!(metrics["edit_score"], metrics["edit_score_source"]);
     assert_eq!(metrics["refusal_rate"], metrics["refusal_rate_source"]);
 }
+
+/// `[[locate]]` steps: their findings choose the pass targets (recorded in the manifest with
+/// the findings' hash), are cached by content (a second compile reads the cache: shown by
+/// editing the cached scores and seeing the choice follow), and other inputs miss the cache.
+#[test]
+fn locate_steps_select_targets_and_are_cached_by_content() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let text = tmp.path().join("calib.txt");
+    std::fs::copy(common::shared_data().join("text/tinystories-subset.txt"), &text).unwrap();
+    let step = "[[locate]]\nid = \"bi\"\nmethod = \"block-influence\"\ntext = \"calib.txt\"\ntokens = 512\nseq_len = 128\n";
+    let compile = |name: &str, select: &str| {
+        let p = pipeline(tmp.path(), name, &format!("{step}[[pass]]\nname = \"skip-layers\"\nselect = {select}"));
+        let mut c = common::mechc();
+        c.env("MECHC_CACHE", &cache).arg("compile").arg(&p);
+        c
+    };
+    let manifest = |name: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(tmp.path().join(format!("out-{name}/mechc-manifest.json"))).unwrap()).unwrap()
+    };
+    compile("a", "{ by = \"bi\", lowest = 1 }").assert().success();
+    let entries: Vec<_> = std::fs::read_dir(cache.join("findings")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let cached = entries[0].join("findings.json");
+    let f = mechc::ir::Findings::read(&cached).unwrap();
+    assert_eq!((f.method.as_str(), f.scores.len()), ("block-influence", 5));
+    let lowest = f.lowest(1)[0].layer().unwrap();
+    let m = manifest("a");
+    assert_eq!(m["passes"][0]["options"]["layers"], serde_json::json!([lowest]));
+    assert!(m["passes"][0]["options"].get("select").is_none());
+    let used = &m["passes"][0]["findings"][0];
+    assert_eq!((used["by"].as_str(), used["method"].as_str()), (Some("bi"), Some("block-influence")));
+    assert_eq!(used["findings_sha256"].as_str().unwrap(), mechc::io::sha256_file(&cached).unwrap());
+    assert_eq!(m["locate"][0]["sha256"].as_str().unwrap(), mechc::io::sha256_file(&cached).unwrap());
+    assert_eq!(mechc::io::load(&tmp.path().join("out-a"), false).unwrap().model.cfg.num_layers, 4);
+
+    // The cache is read: make another layer the lowest in the cached file.
+    let mut edited = f.clone();
+    let other = (lowest + 2) % 5;
+    for s in &mut edited.scores {
+        s.score = if s.component.layer() == Some(other) { -1.0 } else { s.score.abs() + 1.0 };
+    }
+    edited.write(&cached).unwrap();
+    compile("b", "{ by = \"bi\", lowest = 1 }").assert().success();
+    assert_eq!(manifest("b")["passes"][0]["options"]["layers"], serde_json::json!([other]));
+    // highest / fraction read the same cached scores.
+    compile("c", "{ by = \"bi\", highest = 2 }").assert().success();
+    let top2 = edited.highest(2).iter().map(|c| c.layer().unwrap()).collect::<std::collections::BTreeSet<_>>();
+    let got: std::collections::BTreeSet<usize> =
+        manifest("c")["passes"][0]["options"]["layers"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    assert_eq!(got, top2);
+
+    // Other data misses the cache and recomputes the real scores.
+    std::fs::write(&text, std::fs::read_to_string(&text).unwrap().replace("the", "a")).unwrap();
+    compile("d", "{ by = \"bi\", lowest = 1 }").assert().success();
+    assert_eq!(std::fs::read_dir(cache.join("findings")).unwrap().count(), 2);
+    assert_ne!(manifest("d")["passes"][0]["options"]["layers"], serde_json::json!([other]));
+
+    // Bad selections: one-line errors naming the pass, nothing written.
+    common::fails(&mut compile("e", "{ by = \"nope\", lowest = 1 }"), &["pass[0] (skip-layers)", "no [[locate]] step", "bi"]);
+    common::fails(&mut compile("f", "{ by = \"bi\", lowest = 1, layers = [9] }"), &["select matched nothing"]);
+    common::fails(&mut compile("g", "{ by = \"bi\", lowest = 1, fraction = 0.5 }"), &["exactly one of"]);
+    for n in ["e", "f", "g"] {
+        assert!(!tmp.path().join(format!("out-{n}")).exists());
+    }
+    let p = pipeline(tmp.path(), "h", "[[locate]]\nmethod = \"block-influence\"\nmodel = \"x\"\n");
+    common::fails(common::mechc().env("MECHC_CACHE", &cache).arg("compile").arg(&p), &["locate[0]", "`model` is set by the pipeline"]);
+    let p = pipeline(tmp.path(), "i", "[[locate]]\nmethod = \"block-influence\"\ntext = \"calib.txt\"\ntokenz = 3\n");
+    common::fails(common::mechc().env("MECHC_CACHE", &cache).arg("compile").arg(&p), &["locate[0] (block-influence)", "--tokenz"]);
+}

@@ -39,13 +39,13 @@ pub fn run(a: CompileArgs, g: &Global) -> anyhow::Result<()> {
     let file = PipelineFile::load(&a.pipeline)?;
     let source_path = file.resolve(&file.pipeline.model.path);
     let loaded = crate::io::load(&source_path, g.progress())?;
-    let plan = Plan::new(file, a.out.clone(), a.force, &loaded, g.progress())?;
     let say = |s: String| {
         if !g.quiet {
             eprintln!("{s}");
         }
     };
     say(format!("source {} ({:.2}M parameters)", source_path.display(), loaded.model.param_count() as f64 / 1e6));
+    let plan = Plan::new(file, a.out.clone(), a.force, &loaded, g.progress(), &say)?;
     let n = plan.passes.len();
     let dump = |what: String, m: &crate::model::Model| {
         if a.dump_ir {

@@ -5,7 +5,9 @@
 //! stops before anything is written.
 
 pub mod emit;
+pub mod locate_steps;
 pub mod pipeline;
+pub mod select;
 pub mod verifier;
 
 use std::collections::BTreeMap;
@@ -30,13 +32,23 @@ pub struct Plan {
     pub out: PathBuf,
     pub emit: emit::EmitOpts,
     pub passes: Vec<(String, Box<dyn Pass>)>,
+    /// Each pass's options after `select` / `direction = { by }` became explicit targets.
+    pub options: Vec<toml::Table>,
+    /// The `[[locate]]` steps' findings.
+    pub steps: Vec<locate_steps::StepFindings>,
+    /// Per pass, the findings its options were chosen from.
+    pub used: Vec<Vec<serde_json::Value>>,
 }
 
 /// What one pass did.
 #[derive(Debug, Clone, Serialize)]
 pub struct PassRecord {
     pub name: String,
+    /// The options as run (selections made explicit).
     pub options: toml::Table,
+    /// The findings the options were selected from.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub findings: Vec<serde_json::Value>,
     pub summary: String,
     pub parameters_before: usize,
     pub parameters_after: usize,
@@ -62,9 +74,10 @@ impl Verdict {
 }
 
 impl Plan {
-    /// Resolve paths and options; build every pass (unknown names and bad options fail here,
-    /// before anything heavy runs).
-    pub fn new(file: PipelineFile, out: Option<PathBuf>, force: bool, loaded: &crate::io::Loaded, progress: bool) -> Result<Plan> {
+    /// Resolve paths and options, run (or reuse) the `[[locate]]` steps, select targets from
+    /// their findings, build every pass (unknown names and bad options fail here, before the
+    /// passes run). `say` reports the locate steps.
+    pub fn new(file: PipelineFile, out: Option<PathBuf>, force: bool, loaded: &crate::io::Loaded, progress: bool, say: &dyn Fn(String)) -> Result<Plan> {
         let (source, source_dtype) = (&loaded.model, loaded.stored_dtype);
         let p = &file.pipeline;
         let out = match (out, &p.output.path) {
@@ -86,20 +99,29 @@ impl Plan {
         if let Some(v) = &p.verify {
             v.validate(&file.path)?;
         }
-        let mut built = vec![];
         for (i, spec) in p.passes.iter().enumerate() {
-            let info = passes::find(&spec.name).ok_or_else(|| {
+            passes::find(&spec.name).ok_or_else(|| {
                 Error::config(&file.path, format!("pass[{i}].name"), format!("unknown pass `{}` (passes: {})", spec.name, passes::names()))
             })?;
-            let base = file.path.parent().unwrap_or(std::path::Path::new("."));
-            let pass = (info.build)(&spec.options, &passes::BuildCtx { source, base_dir: base, tok: loaded.tok.as_ref(), progress }).map_err(|e| match e {
-                Error::Invalid(m) => Error::config(&file.path, format!("pass[{i}] ({})", spec.name), m),
-                other => other,
-            })?;
-            built.push((spec.name.clone(), pass));
         }
         let source_path = file.resolve(&p.model.path);
-        Ok(Plan { file, source_path, out, emit: emit::EmitOpts { dtype, shard_size, force }, passes: built })
+        let steps = locate_steps::run(&file, &source_path, say)?;
+        let ir = crate::ir::Ir::from_model(source);
+        let (mut built, mut options, mut used) = (vec![], vec![], vec![]);
+        for (i, spec) in p.passes.iter().enumerate() {
+            let info = passes::find(&spec.name).expect("checked above");
+            let at = |e: Error| match e {
+                Error::Invalid(m) => Error::config(&file.path, format!("pass[{i}] ({})", spec.name), m),
+                other => other,
+            };
+            let (opts, from) = select::resolve(&spec.options, &steps, &ir).map_err(at)?;
+            let base = file.path.parent().unwrap_or(std::path::Path::new("."));
+            let pass = (info.build)(&opts, &passes::BuildCtx { source, base_dir: base, tok: loaded.tok.as_ref(), progress }).map_err(at)?;
+            built.push((spec.name.clone(), pass));
+            options.push(opts);
+            used.push(from);
+        }
+        Ok(Plan { file, source_path, out, emit: emit::EmitOpts { dtype, shard_size, force }, passes: built, options, steps, used })
     }
 
     /// Run the passes in order on a copy of the source, the structural verifier after each.
@@ -114,7 +136,8 @@ impl Plan {
             verifier::check(&model).map_err(|e| Error::invalid(format!("pass {i} ({name}) left an invalid model: {e}")))?;
             let rec = PassRecord {
                 name: name.clone(),
-                options: self.file.pipeline.passes[i].options.clone(),
+                options: self.options[i].clone(),
+                findings: self.used[i].clone(),
                 summary,
                 parameters_before: before,
                 parameters_after: model.param_count(),
@@ -214,6 +237,7 @@ impl Plan {
             "pipeline": {"path": self.file.path.file_name().map(|n| n.to_string_lossy().into_owned()), "sha256": pipeline_hash,
                          "text": self.file.text},
             "source": {"path": self.file.pipeline.model.path, "sha256": source_hash},
+            "locate": self.steps,
             "passes": records,
             "parameters": compiled.param_count(),
             "verify": verdict,

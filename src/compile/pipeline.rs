@@ -6,9 +6,13 @@
 //! version = 1
 //! [model]
 //! path = "../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"   # relative to this file
+//! [[locate]]                                  # optional: findings passes select from
+//! id = "bi"
+//! method = "block-influence"                  # any `mechc locate` method; keys are its flags
+//! text = "../../shared/data/text/wikitext2-test.raw"
 //! [[pass]]
 //! name = "skip-layers"
-//! layers = [21, 22]
+//! select = { by = "bi", lowest = 2 }          # or explicit: layers = [21, 22]
 //! [verify]
 //! prompts = "../../shared/data/prompts/refusal/harmless_val.json:instruction"
 //! limit = 50
@@ -33,6 +37,8 @@ pub const VERSION: u32 = 1;
 pub struct Pipeline {
     pub version: u32,
     pub model: ModelSpec,
+    #[serde(default, rename = "locate")]
+    pub locate: Vec<LocateSpec>,
     #[serde(default, rename = "pass")]
     pub passes: Vec<PassSpec>,
     #[serde(default)]
@@ -45,6 +51,25 @@ pub struct Pipeline {
 pub struct ModelSpec {
     /// HF directory or .gguf, relative to the pipeline file.
     pub path: PathBuf,
+}
+
+/// One `[[locate]]` step: a `mechc locate METHOD` run on the pipeline's model whose findings
+/// passes select from (`select = { by = ID, ... }`). The other keys are the method's flags
+/// (`tokens = 4096` for `--tokens 4096`; `true` for a bare flag; lists comma-joined); string
+/// values naming an existing file relative to the pipeline file are resolved against it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct LocateSpec {
+    /// What passes call these findings (default: the method's name).
+    pub id: Option<String>,
+    pub method: String,
+    #[serde(flatten)]
+    pub args: toml::Table,
+}
+
+impl LocateSpec {
+    pub fn id(&self) -> &str {
+        self.id.as_deref().unwrap_or(&self.method)
+    }
 }
 
 /// One `[[pass]]`: its name and the options its own parser reads.
