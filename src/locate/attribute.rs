@@ -121,7 +121,8 @@ pub fn attribute(
     let (answer, wrong) = patch::resolve_answers(METHOD, m, answer, wrong, &clean_logits, &corrupt_logits.detach())?;
     let m_clean = patch::metric(&clean_logits, m, answer, wrong)?[0];
     let mt = metric_tensor(&corrupt_logits, m, answer, wrong)?;
-    let m_corrupt = f64::from(mt.to_scalar::<f32>()?);
+    // Computed from the logits as m_clean is (not from `mt`, which rounds the difference in f32).
+    let m_corrupt = patch::metric(&corrupt_logits.detach(), m, answer, wrong)?[0];
     patch::check_gap(METHOD, m_clean, m_corrupt)?;
     let grads = mt.backward()?;
     let norm = m_clean - m_corrupt;
