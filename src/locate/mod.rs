@@ -1,6 +1,7 @@
 //! Locate: methods that score components and return [`crate::ir::Findings`]. One file per method;
 //! the CLI for each lives in `src/cli/locate/`.
 
+pub mod attribute;
 pub mod block_influence;
 pub mod causal_trace;
 pub mod direction;

@@ -71,7 +71,7 @@ pub struct Patching {
 }
 
 /// The metric of every row of `logits` [rows, t, vocab] at the last position.
-fn metric(logits: &Tensor, m: Metric, answer: u32, wrong: Option<u32>) -> Result<Vec<f64>> {
+pub(crate) fn metric(logits: &Tensor, m: Metric, answer: u32, wrong: Option<u32>) -> Result<Vec<f64>> {
     let t = logits.dim(1)?;
     let last = logits.i((.., t - 1, ..))?.contiguous()?;
     let col = |x: &Tensor, id: u32| -> Result<Vec<f64>> { Ok(x.i((.., id as usize))?.to_vec1::<f32>()?.into_iter().map(f64::from).collect()) };
@@ -138,6 +138,82 @@ fn patch_layer(model: &Model, site: PatchSite, l: usize, clean: &Hooks, corrupt:
     Ok(v)
 }
 
+/// The two captured runs and the resolved metric, shared by [`patch`] and [`patch_heads`].
+struct Prepared {
+    clean: Hooks,
+    corrupt: Hooks,
+    answer: u32,
+    wrong: Option<u32>,
+    m_clean: f64,
+    m_corrupt: f64,
+}
+
+/// Refuse prompts of different (or zero) token lengths and answer ids outside the vocabulary.
+/// `method` names the caller in the message.
+pub(crate) fn check_pair(method: &str, model: &Model, clean_ids: &[u32], corrupt_ids: &[u32], answer: Option<u32>, wrong: Option<u32>) -> Result<()> {
+    if clean_ids.is_empty() || clean_ids.len() != corrupt_ids.len() {
+        return Err(Error::invalid(format!(
+            "{method}: the clean prompt has {} tokens and the corrupted one {}; activation patching needs prompts of the same (non-zero) length",
+            clean_ids.len(),
+            corrupt_ids.len()
+        )));
+    }
+    let vocab = model.cfg.vocab_size as u32;
+    if let Some(bad) = [answer, wrong].into_iter().flatten().find(|&id| id >= vocab) {
+        return Err(Error::invalid(format!("{method}: token id {bad} is outside the vocabulary ({vocab})")));
+    }
+    Ok(())
+}
+
+/// The answer (default: greedy on the clean run) and the wrong answer (logit difference only;
+/// default: greedy on the corrupted run), from last-position logits [1, 1, vocab].
+pub(crate) fn resolve_answers(
+    method: &str,
+    m: Metric,
+    answer: Option<u32>,
+    wrong: Option<u32>,
+    clean_logits: &Tensor,
+    corrupt_logits: &Tensor,
+) -> Result<(u32, Option<u32>)> {
+    let greedy = |x: &Tensor| -> Result<u32> { Ok(x.flatten_all()?.argmax(0)?.to_scalar::<u32>()?) };
+    let answer = match answer {
+        Some(a) => a,
+        None => greedy(clean_logits)?,
+    };
+    let wrong = match (m, wrong) {
+        (Metric::Prob, w) => w,
+        (Metric::LogitDiff, Some(w)) => Some(w),
+        (Metric::LogitDiff, None) => Some(greedy(corrupt_logits)?),
+    };
+    if m == Metric::LogitDiff && wrong == Some(answer) {
+        return Err(Error::invalid(format!(
+            "{method}: the answer and the wrong answer are the same token ({answer}); name them with --answer / --wrong"
+        )));
+    }
+    Ok((answer, wrong))
+}
+
+/// Refuse a pair whose clean and corrupted metrics are equal (nothing to normalise by).
+pub(crate) fn check_gap(method: &str, m_clean: f64, m_corrupt: f64) -> Result<()> {
+    if (m_clean - m_corrupt).abs() < 1e-9 {
+        return Err(Error::invalid(format!(
+            "{method}: the clean and corrupted prompts give the same metric ({m_clean}); there is nothing to restore"
+        )));
+    }
+    Ok(())
+}
+
+fn prepare(model: &Model, clean_ids: &[u32], corrupt_ids: &[u32], answer: Option<u32>, wrong: Option<u32>, m: Metric) -> Result<Prepared> {
+    check_pair(METHOD, model, clean_ids, corrupt_ids, answer, wrong)?;
+    let (clean, clean_logits) = run(model, clean_ids)?;
+    let (corrupt, corrupt_logits) = run(model, corrupt_ids)?;
+    let (answer, wrong) = resolve_answers(METHOD, m, answer, wrong, &clean_logits, &corrupt_logits)?;
+    let m_clean = metric(&clean_logits, m, answer, wrong)?[0];
+    let m_corrupt = metric(&corrupt_logits, m, answer, wrong)?[0];
+    check_gap(METHOD, m_clean, m_corrupt)?;
+    Ok(Prepared { clean, corrupt, answer, wrong, m_clean, m_corrupt })
+}
+
 /// Patch every site of `sites` at every layer. `answer` / `wrong` default to the greedy tokens
 /// of the clean / corrupted prompts. `progress(done, total)` counts layers × sites.
 #[allow(clippy::too_many_arguments)]
@@ -151,42 +227,9 @@ pub fn patch(
     sites: &[PatchSite],
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Patching> {
-    if clean_ids.is_empty() || clean_ids.len() != corrupt_ids.len() {
-        return Err(Error::invalid(format!(
-            "patch: the clean prompt has {} tokens and the corrupted one {}; activation patching needs prompts of the same (non-zero) length",
-            clean_ids.len(),
-            corrupt_ids.len()
-        )));
-    }
-    let vocab = model.cfg.vocab_size as u32;
-    if let Some(bad) = [answer, wrong].into_iter().flatten().find(|&id| id >= vocab) {
-        return Err(Error::invalid(format!("patch: token id {bad} is outside the vocabulary ({vocab})")));
-    }
-    let (clean, clean_logits) = run(model, clean_ids)?;
-    let (corrupt, corrupt_logits) = run(model, corrupt_ids)?;
-    let greedy = |x: &Tensor| -> Result<u32> { Ok(x.flatten_all()?.argmax(0)?.to_scalar::<u32>()?) };
-    let answer = match answer {
-        Some(a) => a,
-        None => greedy(&clean_logits)?,
-    };
-    let wrong = match (m, wrong) {
-        (Metric::Prob, w) => w,
-        (Metric::LogitDiff, Some(w)) => Some(w),
-        (Metric::LogitDiff, None) => Some(greedy(&corrupt_logits)?),
-    };
-    if m == Metric::LogitDiff && wrong == Some(answer) {
-        return Err(Error::invalid(format!(
-            "patch: the answer and the wrong answer are the same token ({answer}); name them with --answer / --wrong"
-        )));
-    }
-    let spec = (m, answer, wrong);
-    let m_clean = metric(&clean_logits, m, answer, wrong)?[0];
-    let m_corrupt = metric(&corrupt_logits, m, answer, wrong)?[0];
-    if (m_clean - m_corrupt).abs() < 1e-9 {
-        return Err(Error::invalid(format!(
-            "patch: the clean and corrupted prompts give the same metric ({m_clean}); there is nothing to restore"
-        )));
-    }
+    let p = prepare(model, clean_ids, corrupt_ids, answer, wrong, m)?;
+    let (m_clean, m_corrupt) = (p.m_clean, p.m_corrupt);
+    let spec = (m, p.answer, p.wrong);
     let layers = model.blocks.len();
     let total = layers * sites.len();
     let mut grids = vec![];
@@ -194,7 +237,7 @@ pub fn patch(
         let mut cols = vec![];
         for l in 0..layers {
             progress(n * layers + l, total);
-            let v = patch_layer(model, site, l, &clean, &corrupt, spec)?;
+            let v = patch_layer(model, site, l, &p.clean, &p.corrupt, spec)?;
             cols.push(v.iter().map(|x| (x - m_corrupt) / (m_clean - m_corrupt)).collect::<Vec<f64>>());
         }
         let rows = cols.iter().map(Vec::len).max().unwrap_or(0);
@@ -202,7 +245,33 @@ pub fn patch(
         grids.push((site, grid));
     }
     progress(total, total);
-    Ok(Patching { answer, wrong, metric: m, m_clean, m_corrupt, grids })
+    Ok(Patching { answer: p.answer, wrong: p.wrong, metric: m, m_clean, m_corrupt, grids })
+}
+
+/// The normalised patching effect of each head in `heads` (`(layer, head)`, any order), as
+/// [`patch`] computes it for the `head` site, running only the layers that hold one of them.
+/// For checking cheaper estimates (attribution patching) against the real thing.
+pub fn patch_heads(
+    model: &Model,
+    clean_ids: &[u32],
+    corrupt_ids: &[u32],
+    answer: Option<u32>,
+    wrong: Option<u32>,
+    m: Metric,
+    heads: &[(usize, usize)],
+) -> Result<Vec<f64>> {
+    if let Some(&(l, h)) = heads.iter().find(|&&(l, h)| l >= model.blocks.len() || h >= model.blocks[l].q.out_features() / model.cfg.head_dim) {
+        return Err(Error::invalid(format!("patch: the model has no head L{l}.H{h}")));
+    }
+    let p = prepare(model, clean_ids, corrupt_ids, answer, wrong, m)?;
+    let mut by_layer: std::collections::BTreeMap<usize, Vec<f64>> = Default::default();
+    for &(l, _) in heads {
+        if !by_layer.contains_key(&l) {
+            let v = patch_layer(model, PatchSite::Head, l, &p.clean, &p.corrupt, (m, p.answer, p.wrong))?;
+            by_layer.insert(l, v);
+        }
+    }
+    Ok(heads.iter().map(|&(l, h)| (by_layer[&l][h] - p.m_corrupt) / (p.m_clean - p.m_corrupt)).collect())
 }
 
 /// Findings: `L{l}` (resid) and `L{l}.mlp` with score = the largest normalised effect over

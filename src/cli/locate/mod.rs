@@ -1,5 +1,6 @@
 //! `mechc locate METHOD`: score components and write findings, one file per method.
 
+pub mod attribute;
 pub mod block_influence;
 pub mod causal_trace;
 pub mod direction;
@@ -24,6 +25,7 @@ pub struct LocateArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum Method {
+    Attribute(attribute::AttributeArgs),
     BlockInfluence(block_influence::BlockInfluenceArgs),
     CausalTrace(causal_trace::CausalTraceArgs),
     Direction(direction::DirectionArgs),
@@ -33,6 +35,7 @@ pub enum Method {
 
 pub fn run(a: LocateArgs, g: &Global) -> anyhow::Result<()> {
     match a.method {
+        Method::Attribute(a) => attribute::run(a, g),
         Method::BlockInfluence(a) => block_influence::run(a, g),
         Method::CausalTrace(a) => causal_trace::run(a, g),
         Method::Direction(a) => direction::run(a, g),
