@@ -241,7 +241,7 @@ fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
 }
 
 /// ‖W_q rows of head h‖ · ‖W_o columns of head h‖ for every query head of layer `l`.
-fn head_scores(m: &Model, l: usize) -> Result<Vec<f32>> {
+pub fn head_scores(m: &Model, l: usize) -> Result<Vec<f32>> {
     let (b, hd) = (&m.blocks[l], m.cfg.head_dim);
     let n_q = b.q.out_features() / hd;
     let q: Vec<f32> = b.q.w().sqr()?.sum(1)?.reshape((n_q, hd))?.sum(1)?.sqrt()?.to_vec1()?;

@@ -208,7 +208,7 @@ fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
 }
 
 /// ‖gate_n‖ · ‖up_n‖ · ‖down_:,n‖ for every neuron of layer `l`.
-fn neuron_scores(m: &Model, l: usize) -> Result<Vec<f32>> {
+pub fn neuron_scores(m: &Model, l: usize) -> Result<Vec<f32>> {
     let b = &m.blocks[l];
     let g = b.gate.w().sqr()?.sum(1)?.sqrt()?;
     let u = b.up.w().sqr()?.sum(1)?.sqrt()?;
@@ -217,7 +217,7 @@ fn neuron_scores(m: &Model, l: usize) -> Result<Vec<f32>> {
 }
 
 /// Indices of the `k` lowest scores (ties: lower index first), sorted.
-pub(super) fn lowest(scores: &[f32], k: usize) -> Vec<usize> {
+pub fn lowest(scores: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..scores.len()).collect();
     idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
     let mut v = idx[..k.min(idx.len())].to_vec();

@@ -5,6 +5,7 @@ pub mod attribute;
 pub mod block_influence;
 pub mod causal_trace;
 pub mod direction;
+pub mod importance;
 pub mod logit_lens;
 pub mod patch;
 

@@ -4,7 +4,10 @@ pub mod attribute;
 pub mod block_influence;
 pub mod causal_trace;
 pub mod direction;
+pub mod head_importance;
+mod importance;
 pub mod logit_lens;
+pub mod neuron_importance;
 pub mod patch;
 
 use std::path::{Path, PathBuf};
@@ -29,7 +32,9 @@ pub enum Method {
     BlockInfluence(block_influence::BlockInfluenceArgs),
     CausalTrace(causal_trace::CausalTraceArgs),
     Direction(direction::DirectionArgs),
+    HeadImportance(head_importance::HeadImportanceArgs),
     LogitLens(logit_lens::LogitLensArgs),
+    NeuronImportance(neuron_importance::NeuronImportanceArgs),
     Patch(patch::PatchArgs),
 }
 
@@ -39,7 +44,9 @@ pub fn run(a: LocateArgs, g: &Global) -> anyhow::Result<()> {
         Method::BlockInfluence(a) => block_influence::run(a, g),
         Method::CausalTrace(a) => causal_trace::run(a, g),
         Method::Direction(a) => direction::run(a, g),
+        Method::HeadImportance(a) => head_importance::run(a, g),
         Method::LogitLens(a) => logit_lens::run(a, g),
+        Method::NeuronImportance(a) => neuron_importance::run(a, g),
         Method::Patch(a) => patch::run(a, g),
     }
 }
