@@ -9,7 +9,7 @@ use rand::{seq::SliceRandom, Rng, SeedableRng};
 use serde::Deserialize;
 
 use super::prune_neurons::{
-    add_zero_biases, calibration, check_bias_support, example_ids, folded, keep_cols, keep_rows, kept, lowest, mean_activations,
+    add_zero_biases, calibration, check_bias_support, MeanOver, example_ids, folded, keep_cols, keep_rows, kept, lowest, mean_activations,
     Compensate,
 };
 use super::{options, BuildCtx, Pass, PassInfo};
@@ -39,7 +39,9 @@ Options (explicit targets, or a built-in ranking):
   mean_over = \"ids.json\"   with compensate = \"mean\": token ids to average over (a list, or a
                            list of lists, as `mechc tokenize --file` prints), path relative to
                            the pipeline file ...
-  mean_over_ids = [1, 2]   ... or the token ids inline
+  mean_over_ids = [1, 2]   ... or the token ids inline ...
+  mean_over_text = \"t.raw\" ... or the first tokens of a text file (tokenized by the model's tokenizer)
+  mean_over_skip = 4096    ... after skipping this many (e.g. text the [verify] perplexity reads)
   tokens = 512             at most this many calibration tokens (default 512)
 
 GQA stays valid: in every layer, the kv groups that keep any query head must keep the same
@@ -64,7 +66,21 @@ struct Opts {
     compensate: Compensate,
     mean_over: Option<String>,
     mean_over_ids: Option<Vec<u32>>,
+    mean_over_text: Option<String>,
+    mean_over_skip: Option<usize>,
     tokens: Option<usize>,
+}
+
+impl Opts {
+    fn mean_over(&self) -> MeanOver<'_> {
+        MeanOver {
+            file: self.mean_over.as_deref(),
+            ids: self.mean_over_ids.as_deref(),
+            text: self.mean_over_text.as_deref(),
+            skip: self.mean_over_skip,
+            tokens: self.tokens,
+        }
+    }
 }
 
 /// What happens to one layer.
@@ -225,7 +241,7 @@ fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
         }
     }
     check_bias_support(m, o.compensate, "o_proj")?;
-    if let Some(seqs) = calibration(o.compensate, o.mean_over.as_deref(), o.mean_over_ids.as_deref(), o.tokens, cx)? {
+    if let Some(seqs) = calibration(o.compensate, o.mean_over(), cx)? {
         let points: Vec<HookPoint> = layers.keys().map(|&l| HookPoint::AttnZ(l)).collect();
         let avg = mean_activations(m, &seqs, &points)?;
         for (&l, p) in layers.iter_mut() {

@@ -30,7 +30,9 @@ Options (explicit targets, or a built-in ranking):
   layers = [0, 1]          with count/fraction: the layers to prune (default: all)
   count = 256              remove this many neurons per layer ...
   fraction = 0.2           ... or this fraction of each layer's d_ff (rounded)
-  by = \"weight-magnitude\"  ranking for count/fraction: the lowest ‖gate_n‖·‖up_n‖·‖down_:,n‖ go
+  by = \"weight-magnitude\"  ranking for count/fraction: the lowest ‖gate_n‖·‖up_n‖·‖down_:,n‖ go;
+                           or \"random\" (a baseline; `seed = 0`). Located targets come from
+                           findings instead: select = { by = ID, fraction = 0.2, per_layer = true }
   uniform = true           fail unless every layer ends with the same d_ff (a stock HF config)
   compensate = \"none\"      or \"mean\": add down_proj · mean(pruned activations) to down_proj's
                            bias (FLAP-style); creates zero gate/up/down biases in every layer and
@@ -38,7 +40,9 @@ Options (explicit targets, or a built-in ranking):
   mean_over = \"ids.json\"   with compensate = \"mean\": token ids to average over (a list, or a
                            list of lists, as `mechc tokenize --file` prints), path relative to
                            the pipeline file ...
-  mean_over_ids = [1, 2]   ... or the token ids inline
+  mean_over_ids = [1, 2]   ... or the token ids inline ...
+  mean_over_text = \"t.raw\" ... or the first tokens of a text file (tokenized by the model's tokenizer)
+  mean_over_skip = 4096    ... after skipping this many (e.g. text the [verify] perplexity reads)
   tokens = 512             at most this many calibration tokens (default 512)
 
 The same d_ff in every layer keeps HF's intermediate_size (stock checkpoint). Different widths
@@ -69,7 +73,22 @@ struct Opts {
     compensate: Compensate,
     mean_over: Option<String>,
     mean_over_ids: Option<Vec<u32>>,
+    mean_over_text: Option<String>,
+    mean_over_skip: Option<usize>,
     tokens: Option<usize>,
+    seed: Option<u64>,
+}
+
+impl Opts {
+    fn mean_over(&self) -> MeanOver<'_> {
+        MeanOver {
+            file: self.mean_over.as_deref(),
+            ids: self.mean_over_ids.as_deref(),
+            text: self.mean_over_text.as_deref(),
+            skip: self.mean_over_skip,
+            tokens: self.tokens,
+        }
+    }
 }
 
 struct PruneNeurons {
@@ -102,11 +121,14 @@ fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
     let d_ff = |l: usize| m.blocks[l].gate.out_features();
     let mut layers: BTreeMap<usize, (usize, Vec<usize>)> = BTreeMap::new();
     if let Some(by) = &o.by {
-        if by != "weight-magnitude" {
+        if by != "weight-magnitude" && by != "random" {
             return Err(Error::invalid(format!(
-                "`by`: unknown ranking `{by}` (known: weight-magnitude)"
+                "`by`: unknown ranking `{by}` (known: weight-magnitude, random)"
             )));
         }
+    }
+    if o.seed.is_some() && o.by.as_deref() != Some("random") {
+        return Err(Error::invalid("`seed` is for by = \"random\""));
     }
     match &o.neurons {
         Some(explicit) => {
@@ -165,7 +187,17 @@ fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
                     }
                 };
                 if k > 0 {
-                    layers.insert(l, (f, lowest(&neuron_scores(m, l)?, k)));
+                    let chosen = if o.by.as_deref() == Some("random") {
+                        let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed.unwrap_or(0).wrapping_add(l as u64));
+                        let mut all: Vec<usize> = (0..f).collect();
+                        all.shuffle(&mut rng);
+                        all.truncate(k);
+                        all.sort_unstable();
+                        all
+                    } else {
+                        lowest(&neuron_scores(m, l)?, k)
+                    };
+                    layers.insert(l, (f, chosen));
                 }
             }
         }
@@ -190,7 +222,7 @@ fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
         }
     }
     check_bias_support(m, o.compensate, "down_proj")?;
-    let calib = calibration(o.compensate, o.mean_over.as_deref(), o.mean_over_ids.as_deref(), o.tokens, cx)?;
+    let calib = calibration(o.compensate, o.mean_over(), cx)?;
     let means = match calib {
         None => None,
         Some(seqs) => {
@@ -226,31 +258,47 @@ pub fn lowest(scores: &[f32], k: usize) -> Vec<usize> {
 }
 
 /// The calibration sequences for compensate = "mean" (None without compensation).
-pub(super) fn calibration(
-    c: Compensate,
-    file: Option<&str>,
-    inline: Option<&[u32]>,
-    tokens: Option<usize>,
-    cx: &BuildCtx,
-) -> Result<Option<Vec<Vec<u32>>>> {
+/// Where compensate = "mean" takes its calibration tokens from (the options of both prune passes).
+pub(super) struct MeanOver<'a> {
+    pub file: Option<&'a str>,
+    pub ids: Option<&'a [u32]>,
+    pub text: Option<&'a str>,
+    pub skip: Option<usize>,
+    pub tokens: Option<usize>,
+}
+
+pub(super) fn calibration(c: Compensate, o: MeanOver, cx: &BuildCtx) -> Result<Option<Vec<Vec<u32>>>> {
     let m = cx.source;
+    let MeanOver { file, ids: inline, text, skip, tokens } = o;
     if c == Compensate::None {
-        if file.is_some() || inline.is_some() || tokens.is_some() {
+        if file.is_some() || inline.is_some() || text.is_some() || skip.is_some() || tokens.is_some() {
             return Err(Error::invalid(
-                "`mean_over`/`mean_over_ids`/`tokens` are only used with compensate = \"mean\"",
+                "`mean_over`/`mean_over_ids`/`mean_over_text`/`mean_over_skip`/`tokens` are only used with compensate = \"mean\"",
             ));
         }
         return Ok(None);
     }
-    let seqs: Vec<Vec<u32>> = match (file, inline) {
-        (Some(_), Some(_)) => return Err(Error::invalid("give `mean_over` or `mean_over_ids`, not both")),
-        (None, None) => {
+    if skip.is_some() && text.is_none() {
+        return Err(Error::invalid("`mean_over_skip` applies to `mean_over_text`"));
+    }
+    let seqs: Vec<Vec<u32>> = match (file, inline, text) {
+        (None, None, None) => {
             return Err(Error::invalid(
-                "compensate = \"mean\" needs calibration tokens: `mean_over = \"ids.json\"` or `mean_over_ids`",
+                "compensate = \"mean\" needs calibration tokens: `mean_over = \"ids.json\"`, `mean_over_ids` or `mean_over_text = \"text.raw\"`",
             ))
         }
-        (None, Some(ids)) => vec![ids.to_vec()],
-        (Some(path), None) => {
+        (None, Some(ids), None) => vec![ids.to_vec()],
+        (None, None, Some(path)) => {
+            let tok = cx.tok.ok_or_else(|| Error::invalid("`mean_over_text` needs the model's tokenizer (this model has none)"))?;
+            let skip = skip.unwrap_or(0);
+            let mut ids = crate::locate::text_ids(tok, &cx.path(path), skip + tokens.unwrap_or(512))?;
+            if skip >= ids.len() {
+                return Err(Error::invalid(format!("`mean_over_skip` = {skip}: {path} has only {} tokens", ids.len())));
+            }
+            ids.drain(..skip);
+            vec![ids]
+        }
+        (Some(path), None, None) => {
             let bad = |msg: String| Error::invalid(format!("`mean_over`: {path}: {msg}"));
             let text = std::fs::read_to_string(cx.path(path)).map_err(|e| bad(e.to_string()))?;
             let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
@@ -266,8 +314,9 @@ pub(super) fn calibration(
             }
             .ok_or_else(|| bad("expected a list of token ids or a list of such lists".into()))?
         }
+        _ => return Err(Error::invalid("give one of `mean_over`, `mean_over_ids`, `mean_over_text`, not several")),
     };
-    let option = if file.is_some() { "mean_over" } else { "mean_over_ids" };
+    let option = if file.is_some() { "mean_over" } else if text.is_some() { "mean_over_text" } else { "mean_over_ids" };
     let vocab = m.cfg.vocab_size as u32;
     if let Some(&bad) = seqs.iter().flatten().find(|&&i| i >= vocab) {
         return Err(Error::invalid(format!(

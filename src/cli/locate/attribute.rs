@@ -21,7 +21,7 @@ use crate::report::{heatmaps_svg, Heatmap};
 /// (`mlp.hook_post`, all positions), and per layer × position the residual stream entering each
 /// block (`hook_resid_pre`) and each MLP's output (`hook_mlp_out`).
 ///
-/// Findings: `L{l}.H{h}` (every head), `L{l}.N{n}` (the --neurons largest by |score|), `L{l}`
+/// Findings: `L{l}.H{h}` (every head), `L{l}.N{i}` (the --neurons largest by |score|), `L{l}`
 /// (resid) and `L{l}.mlp` with score = the largest value over positions. The summary holds the
 /// head, resid and mlp grids, and with --verify-top the real patching effects of the top heads
 /// and their Spearman rank correlation with the attributions.

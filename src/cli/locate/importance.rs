@@ -18,9 +18,13 @@ pub struct CommonArgs {
     /// Calibration text (plain text, e.g. WikiText-2's wiki.test.raw).
     #[arg(long)]
     pub text: PathBuf,
-    /// Calibration tokens taken from the start of --text (0 = all).
+    /// Calibration tokens taken from the start of --text, after --skip (0 = all).
     #[arg(long, default_value_t = 2048)]
     pub tokens: usize,
+    /// Skip this many tokens at the start of --text first (hold them out, e.g. for the
+    /// perplexity a compile's [verify] measures on the same file).
+    #[arg(long, default_value_t = 0)]
+    pub skip: usize,
     /// Window length: the text is cut into disjoint windows of this many tokens.
     #[arg(long, default_value_t = 256)]
     pub seq_len: usize,
@@ -47,7 +51,11 @@ pub fn run(a: CommonArgs, by: By, unit: Unit, g: &Global) -> anyhow::Result<()> 
     }
     let model_src = Source::model(&a.model)?;
     let data_src = Source::file(&a.text)?;
-    let ids = crate::locate::text_ids(loaded.tok()?, &a.text, a.tokens)?;
+    let mut ids = crate::locate::text_ids(loaded.tok()?, &a.text, if a.tokens == 0 { 0 } else { a.skip + a.tokens })?;
+    if a.skip >= ids.len() {
+        anyhow::bail!("--skip {}: the text has only {} tokens", a.skip, ids.len());
+    }
+    ids.drain(..a.skip);
     let opt = Options { by, seq_len: a.seq_len, layers: a.layers.clone() };
     let bar = crate::progress::bar(0, by.name(), g.progress());
     let r = imp::importance(&loaded.model, &ids, unit, &opt, |stage, i, n| {
@@ -59,6 +67,7 @@ pub fn run(a: CommonArgs, by: By, unit: Unit, g: &Global) -> anyhow::Result<()> 
     let options = json!({
         "by": by.name(),
         "tokens": r.tokens,
+        "skip": a.skip,
         "seq_len": a.seq_len,
         "windows": r.windows,
         "layers": r.layers,

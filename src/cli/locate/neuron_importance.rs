@@ -6,7 +6,7 @@ use super::importance::CommonArgs;
 use super::Global;
 use crate::locate::importance::{By, Unit};
 
-/// Score every MLP neuron `L{l}.N{n}` over calibration text; low score = least important (the
+/// Score every MLP neuron (e.g. `L3.N17`) over calibration text; low score = least important (the
 /// first to prune with `prune-neurons`). A neuron is channel n of `blocks.{l}.mlp.hook_post`, the
 /// input of `down_proj`.
 ///
@@ -21,7 +21,7 @@ use crate::locate::importance::{By, Unit};
 ///                  restrict it with --layers
 ///   ablation-mean  the same, with the neuron replaced by its calibration mean (FLAP's compensation)
 ///
-/// Findings: `L{l}.N{n}` with the score; summary: by, windows, tokens (and base_loss for ablations).
+/// Findings: `L{l}.N{i}` with the score; summary: by, windows, tokens (and base_loss for ablations).
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct NeuronImportanceArgs {
