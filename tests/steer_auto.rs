@@ -15,7 +15,7 @@ use mechc::verify::refusal::first_token_kl_hooked;
 use mechc::verify::steer_auto::{self as sa, SearchSpec};
 
 fn seeded_unit(d: usize, seed: u64) -> Tensor {
-    let v: Vec<f32> = (0..d).map(|i| ((i as f32 * 0.61 + seed as f32).sin() * 1.3 + 0.2 * (i as f32).cos())).collect();
+    let v: Vec<f32> = (0..d).map(|i| (i as f32 * 0.61 + seed as f32).sin() * 1.3 + 0.2 * (i as f32).cos()).collect();
     let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
     Tensor::from_vec(v.into_iter().map(|x| x / n).collect::<Vec<_>>(), d, &Device::Cpu).unwrap()
 }
