@@ -149,7 +149,7 @@ fn smollm2_auto_meets_the_budget_and_raises_refusals() {
     };
     let v = direction(DirMethod::MeanDiff, &acts("I'm sorry, but I can't help with that."), &acts("Sure, here is")).unwrap();
     let dir: Vec<toml::Value> = v.iter().map(|&x| toml::Value::Float(x as f64)).collect();
-    let max_kl = 0.5;
+    let max_kl = 1.0;
     let opts = format!(
         "mode = \"add\"\nlayer = 11\nnormalize = false\ncoeff = \"auto\"\n\
          auto = {{ max_kl = {max_kl}, range = [0.0, 1.2], grid = 4, limit = 8, max_tokens = 16, metric = \"refusal\", \
