@@ -186,7 +186,7 @@ fn bad_input_fails_with_one_line_naming_the_option() {
     common::fails(common::mechc().arg("compile").arg(&p), &["needs `layer`"]);
     let auto = "mode = \"add\"\ndirection = \"dir.safetensors\"\nlayer = 1\ncoeff = \"auto\"";
     let p = pipeline(tmp.path(), &stories, "auto", auto);
-    common::fails(common::mechc().arg("compile").arg(&p), &["`coeff = \"auto\"`", "not implemented"]);
+    common::fails(common::mechc().arg("compile").arg(&p), &["`coeff = \"auto\"`", "needs an `auto` table"]);
     let cv0 = "mode = \"add\"\ndirection = \"dir.safetensors\"\nlayer = 0\ncoeff = 1\ncontrol_vector = \"x.gguf\"";
     let p = pipeline(tmp.path(), &stories, "cv0", cv0);
     common::fails(common::mechc().arg("compile").arg(&p), &["`control_vector`", "block 0"]);

@@ -62,7 +62,10 @@ pub fn run(a: CompileArgs, g: &Global) -> anyhow::Result<()> {
             r.parameters_before as f64 / 1e6,
             r.parameters_after as f64 / 1e6,
             r.seconds
-        ))
+        ));
+        if let Some(t) = &r.details_text {
+            say(t.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n"));
+        }
     })?;
     if n == 0 {
         say("no passes: the output reproduces the source tensors".into());

@@ -52,6 +52,11 @@ pub struct PassRecord {
     pub summary: String,
     pub parameters_before: usize,
     pub parameters_after: usize,
+    /// The pass's structured results, if it has any (see `Pass::details`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
+    #[serde(skip)]
+    pub details_text: Option<String>,
     #[serde(skip)]
     pub seconds: f64,
 }
@@ -141,6 +146,8 @@ impl Plan {
                 summary,
                 parameters_before: before,
                 parameters_after: model.param_count(),
+                details: pass.details(),
+                details_text: pass.details_text(),
                 seconds: t.elapsed().as_secs_f64(),
             };
             on_pass(&rec, &model);
@@ -200,6 +207,31 @@ impl Plan {
                 metrics.insert(format!("edit_paraphrase{suffix}"), r.paraphrase.rate);
                 metrics.insert(format!("edit_neighbourhood{suffix}"), r.neighbourhood.rate);
             }
+        }
+        if let Some(st) = &v.steer {
+            use crate::verify::steer::{self, SteerMetric, SteerOpts};
+            let mut spec = SetSpec::parse(&st.prompts);
+            spec.path = self.file.resolve(&spec.path);
+            let set = TextSet::load(&spec, st.limit)?;
+            let ids = tok.prompts_ids(&set.texts, st.chat)?;
+            let mut dspec = SetSpec::parse(&st.direction);
+            dspec.path = self.file.resolve(&dspec.path);
+            let dir = steer::load_direction(&dspec, source.cfg.hidden_size)?;
+            let metric = st.metric.unwrap_or(SteerMetric::Projection);
+            let opts = SteerOpts {
+                layer: 0,
+                measure_layer: st.measure_layer,
+                coeffs: vec![0.0],
+                metric,
+                targets: steer::target_tokens(tok, &st.targets)?,
+                normalize: false,
+                batch: v.batch_size,
+            };
+            for (name, m) in [("steer_score_source", source), ("steer_score", compiled)] {
+                let r = steer::steer_sweep(m, &ids, &dir, &opts, |_, _| {})?;
+                metrics.insert(name.into(), r.points[0].score);
+            }
+            metrics.insert("steer_gain".into(), metrics["steer_score"] - metrics["steer_score_source"]);
         }
         let checks = v.check(&metrics);
         Ok(Some(Verdict { metrics, checks, prompts, text }))

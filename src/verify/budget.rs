@@ -64,6 +64,33 @@ pub struct VerifySpec {
     pub refusal: Option<RefusalBudget>,
     /// `[verify.edit]`: knowledge-edit metrics of the compiled model (and the source).
     pub edit: Option<EditBudget>,
+    /// `[verify.steer]`: the steering score of the compiled model (and the source).
+    pub steer: Option<SteerBudget>,
+}
+
+/// The behaviour score of `mechc eval steer` at c = 0, on the compiled model and on the source
+/// (`steer_score`, `steer_score_source`, `steer_gain` = their difference): did the baked shift
+/// move the model along the direction (projection) or toward the targets (target log-prob)?
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SteerBudget {
+    /// Prompts, FILE[:FIELD], relative to the pipeline file.
+    pub prompts: String,
+    #[serde(default = "d_limit")]
+    pub limit: usize,
+    #[serde(default)]
+    pub chat: bool,
+    /// The direction, FILE.safetensors[:TENSOR], relative to the pipeline file.
+    pub direction: String,
+    /// projection (default) or target.
+    pub metric: Option<crate::verify::steer::SteerMetric>,
+    /// For metric = "target": strings whose first token's log-prob is scored.
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// Layer whose last-token resid_post is projected (default: the last).
+    pub measure_layer: Option<usize>,
+    pub min_score: Option<f64>,
+    pub min_gain: Option<f64>,
 }
 
 /// Refusal rate on an instruction set, greedy, chat template (see `mechc eval refusal`).
@@ -116,6 +143,7 @@ impl VerifySpec {
     fn budgets(&self) -> Vec<(&'static str, f64, &'static str, bool)> {
         let r = self.refusal.as_ref();
         let e = self.edit.as_ref();
+        let s = self.steer.as_ref();
         [
             ("max_kl", self.max_kl, "kl_first_mean", true),
             ("max_kl_all", self.max_kl_all, "kl_all_mean", true),
@@ -127,6 +155,8 @@ impl VerifySpec {
             ("edit.min_efficacy", e.and_then(|e| e.min_efficacy), "edit_efficacy", false),
             ("edit.min_paraphrase", e.and_then(|e| e.min_paraphrase), "edit_paraphrase", false),
             ("edit.min_neighbourhood", e.and_then(|e| e.min_neighbourhood), "edit_neighbourhood", false),
+            ("steer.min_score", s.and_then(|s| s.min_score), "steer_score", false),
+            ("steer.min_gain", s.and_then(|s| s.min_gain), "steer_gain", false),
         ]
         .into_iter()
         .filter_map(|(k, b, m, up)| b.map(|b| (k, b, m, up)))

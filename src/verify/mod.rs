@@ -9,3 +9,4 @@ pub mod perplexity;
 pub mod refusal;
 pub mod score;
 pub mod steer;
+pub mod steer_auto;
