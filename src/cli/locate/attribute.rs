@@ -8,7 +8,7 @@ use serde_json::json;
 use super::Global;
 use crate::ir::Source;
 use crate::locate::attribute as at;
-use crate::locate::patch::{self as ap, Metric};
+use crate::locate::patch as ap;
 use crate::report::{heatmaps_svg, Heatmap};
 
 /// Attribution patching: the first-order estimate of every activation patch at once, from one
@@ -29,29 +29,8 @@ use crate::report::{heatmaps_svg, Heatmap};
 /// A linear estimate: poor for large components and saturated attention. Verify what you use.
 #[derive(Args, Debug)]
 pub struct AttributeArgs {
-    /// HF model directory or .gguf file.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// The clean prompt (its activations are the patch values).
-    #[arg(long)]
-    pub clean: String,
-    /// The corrupted prompt (where the gradient is taken); must have as many tokens as --clean.
-    #[arg(long)]
-    pub corrupted: String,
-    /// Wrap the prompts in the chat template.
-    #[arg(long)]
-    pub chat: bool,
-    /// The answer (first token counts; mind the leading space). Default: the greedy next token
-    /// on the clean prompt.
-    #[arg(long)]
-    pub answer: Option<String>,
-    /// The wrong answer of the logit difference. Default: the greedy next token on the
-    /// corrupted prompt.
-    #[arg(long)]
-    pub wrong: Option<String>,
-    /// The metric at the last position.
-    #[arg(long, value_enum, default_value_t = Metric::LogitDiff)]
-    pub metric: Metric,
+    #[command(flatten)]
+    pub pair: super::patch::PairArgs,
     /// Keep this many neurons in the findings, those of largest |attribution| over all layers
     /// (0 = every neuron).
     #[arg(long, default_value_t = 200)]
@@ -76,37 +55,26 @@ pub struct AttributeArgs {
 pub fn run(a: AttributeArgs, g: &Global) -> anyhow::Result<()> {
     super::check_out(a.out.as_deref(), a.force)?;
     super::check_out(a.plot.as_deref(), a.force)?;
-    let loaded = crate::io::load(&a.model, g.progress())?;
+    let super::patch::Pair { loaded, clean, corrupt, answer, wrong } = a.pair.load("attribution patching", g)?;
     let (model, tok) = (&loaded.model, loaded.tok()?);
-    let clean = tok.prompt_ids(&a.clean, a.chat)?;
-    let corrupt = tok.prompt_ids(&a.corrupted, a.chat)?;
-    if clean.len() != corrupt.len() {
-        anyhow::bail!(
-            "--clean has {} tokens and --corrupted {}: attribution patching needs prompts of the same token length",
-            clean.len(),
-            corrupt.len()
-        );
-    }
-    let answer = a.answer.as_deref().map(|t| super::first_token(tok, "--answer", t)).transpose()?;
-    let wrong = a.wrong.as_deref().map(|t| super::first_token(tok, "--wrong", t)).transpose()?;
     let started = std::time::Instant::now();
-    let r = at::attribute(model, &clean, &corrupt, answer, wrong, a.metric)?;
+    let r = at::attribute(model, &clean, &corrupt, answer, wrong, a.pair.metric)?;
     let seconds = started.elapsed().as_secs_f64();
     let decode = |id: u32| tok.decode(&[id], false).unwrap_or_else(|_| format!("<{id}>"));
     let options = json!({
-        "clean": a.clean, "corrupted": a.corrupted, "chat": a.chat, "metric": a.metric,
+        "clean": a.pair.clean, "corrupted": a.pair.corrupted, "chat": a.pair.chat, "metric": a.pair.metric,
         "answer_id": r.answer, "answer": decode(r.answer),
         "wrong_id": r.wrong, "wrong": r.wrong.map(decode),
         "neurons": a.neurons, "verify_top": a.verify_top,
     });
-    let data = vec![Source::inline(&a.clean), Source::inline(&a.corrupted)];
-    let mut f = at::findings(&r, a.neurons, options, Source::model(&a.model)?, data);
+    let data = vec![Source::inline(&a.pair.clean), Source::inline(&a.pair.corrupted)];
+    let mut f = at::findings(&r, a.neurons, options, Source::model(&a.pair.model)?, data);
     if !g.quiet {
         eprintln!("attribution: {seconds:.2} s for every head, neuron, resid and mlp site");
     }
     if a.verify_top > 0 {
         let top = at::top_heads(&r, a.verify_top);
-        let real = ap::patch_heads(model, &clean, &corrupt, Some(r.answer), r.wrong, a.metric, &top)?;
+        let real = ap::patch_heads(model, &clean, &corrupt, Some(r.answer), r.wrong, a.pair.metric, &top)?;
         let est: Vec<f64> = top.iter().map(|&(l, h)| r.heads[h][l]).collect();
         let rho = at::spearman(&est, &real);
         let rows: Vec<serde_json::Value> = top
@@ -146,7 +114,7 @@ pub fn run(a: AttributeArgs, g: &Global) -> anyhow::Result<()> {
             panel("mlp", rows, &r.mlp),
             panel("head", (0..r.heads.len()).map(|h| format!("H{h}")).collect(), &r.heads),
         ];
-        let title = format!("Attribution patching, normalised {:?} (clean {:.3}, corrupted {:.3})", a.metric, r.m_clean, r.m_corrupt);
+        let title = format!("Attribution patching, normalised {:?} (clean {:.3}, corrupted {:.3})", a.pair.metric, r.m_clean, r.m_corrupt);
         crate::io::atomic::write_file(path, heatmaps_svg(&panels, &title)?.as_bytes())?;
     }
     super::finish(f, a.out.as_ref(), g, &["grids"])

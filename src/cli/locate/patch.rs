@@ -21,13 +21,33 @@ use crate::report::{heatmaps_svg, Heatmap};
 /// `L{l}.H{h}` with score = the head's effect. The summary holds the full grids.
 #[derive(Args, Debug)]
 pub struct PatchArgs {
+    #[command(flatten)]
+    pub pair: PairArgs,
+    /// Sites to patch (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = PatchSite::ALL.to_vec())]
+    pub sites: Vec<PatchSite>,
+    /// Write the findings (JSON) here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Plot the normalised effects (SVG): positions × layers for resid and mlp, heads × layers.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Replace --out / --plot if they exist.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// The prompt pair and metric that `patch` and `attribute` share.
+#[derive(Args, Debug)]
+pub struct PairArgs {
     /// HF model directory or .gguf file.
     #[arg(long)]
     pub model: PathBuf,
     /// The clean prompt (its activations are patched in).
     #[arg(long)]
     pub clean: String,
-    /// The corrupted prompt (patched); must have as many tokens as --clean.
+    /// The corrupted prompt (patched; attribution takes its gradient here); must have as many
+    /// tokens as --clean.
     #[arg(long)]
     pub corrupted: String,
     /// Wrap the prompts in the chat template.
@@ -44,51 +64,57 @@ pub struct PatchArgs {
     /// The metric at the last position.
     #[arg(long, value_enum, default_value_t = Metric::LogitDiff)]
     pub metric: Metric,
-    /// Sites to patch (comma-separated).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = PatchSite::ALL.to_vec())]
-    pub sites: Vec<PatchSite>,
-    /// Write the findings (JSON) here.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Plot the normalised effects (SVG): positions × layers for resid and mlp, heads × layers.
-    #[arg(long)]
-    pub plot: Option<PathBuf>,
-    /// Replace --out / --plot if they exist.
-    #[arg(long)]
-    pub force: bool,
+}
+
+/// A loaded [`PairArgs`]: the model and both prompts' token ids (equal lengths).
+pub struct Pair {
+    pub loaded: crate::io::Loaded,
+    pub clean: Vec<u32>,
+    pub corrupt: Vec<u32>,
+    pub answer: Option<u32>,
+    pub wrong: Option<u32>,
+}
+
+impl PairArgs {
+    /// Load the model and tokenize the pair; `method` names what needs equal lengths.
+    pub fn load(&self, method: &str, g: &Global) -> anyhow::Result<Pair> {
+        let loaded = crate::io::load(&self.model, g.progress())?;
+        let tok = loaded.tok()?;
+        let clean = tok.prompt_ids(&self.clean, self.chat)?;
+        let corrupt = tok.prompt_ids(&self.corrupted, self.chat)?;
+        if clean.len() != corrupt.len() {
+            anyhow::bail!(
+                "--clean has {} tokens and --corrupted {}: {method} needs prompts of the same token length",
+                clean.len(),
+                corrupt.len()
+            );
+        }
+        let answer = self.answer.as_deref().map(|t| super::first_token(tok, "--answer", t)).transpose()?;
+        let wrong = self.wrong.as_deref().map(|t| super::first_token(tok, "--wrong", t)).transpose()?;
+        Ok(Pair { loaded, clean, corrupt, answer, wrong })
+    }
 }
 
 pub fn run(a: PatchArgs, g: &Global) -> anyhow::Result<()> {
     super::check_out(a.out.as_deref(), a.force)?;
     super::check_out(a.plot.as_deref(), a.force)?;
-    let loaded = crate::io::load(&a.model, g.progress())?;
+    let Pair { loaded, clean, corrupt, answer, wrong } = a.pair.load("activation patching", g)?;
     let (model, tok) = (&loaded.model, loaded.tok()?);
-    let clean = tok.prompt_ids(&a.clean, a.chat)?;
-    let corrupt = tok.prompt_ids(&a.corrupted, a.chat)?;
-    if clean.len() != corrupt.len() {
-        anyhow::bail!(
-            "--clean has {} tokens and --corrupted {}: activation patching needs prompts of the same token length",
-            clean.len(),
-            corrupt.len()
-        );
-    }
-    let answer = a.answer.as_deref().map(|t| super::first_token(tok, "--answer", t)).transpose()?;
-    let wrong = a.wrong.as_deref().map(|t| super::first_token(tok, "--wrong", t)).transpose()?;
     let bar = crate::progress::bar(0, "layers", g.progress());
-    let p = ap::patch(model, &clean, &corrupt, answer, wrong, a.metric, &a.sites, |i, n| {
+    let p = ap::patch(model, &clean, &corrupt, answer, wrong, a.pair.metric, &a.sites, |i, n| {
         bar.set_length(n as u64);
         bar.set_position(i as u64);
     })?;
     bar.finish_and_clear();
     let decode = |id: u32| tok.decode(&[id], false).unwrap_or_else(|_| format!("<{id}>"));
     let options = json!({
-        "clean": a.clean, "corrupted": a.corrupted, "chat": a.chat, "metric": a.metric,
+        "clean": a.pair.clean, "corrupted": a.pair.corrupted, "chat": a.pair.chat, "metric": a.pair.metric,
         "answer_id": p.answer, "answer": decode(p.answer),
         "wrong_id": p.wrong, "wrong": p.wrong.map(decode),
         "sites": a.sites.iter().map(|s| s.name()).collect::<Vec<_>>(),
     });
-    let data = vec![Source::inline(&a.clean), Source::inline(&a.corrupted)];
-    let f = ap::findings(&p, options, Source::model(&a.model)?, data);
+    let data = vec![Source::inline(&a.pair.clean), Source::inline(&a.pair.corrupted)];
+    let f = ap::findings(&p, options, Source::model(&a.pair.model)?, data);
     if let Some(path) = &a.plot {
         let rows: Vec<String> = clean
             .iter()
@@ -106,7 +132,7 @@ pub fn run(a: PatchArgs, g: &Global) -> anyhow::Result<()> {
                 x_label: "layer".into(),
             })
             .collect();
-        let title = format!("Activation patching, normalised {:?} (clean {:.3}, corrupted {:.3})", a.metric, p.m_clean, p.m_corrupt);
+        let title = format!("Activation patching, normalised {:?} (clean {:.3}, corrupted {:.3})", a.pair.metric, p.m_clean, p.m_corrupt);
         crate::io::atomic::write_file(path, heatmaps_svg(&panels, &title)?.as_bytes())?;
     }
     super::finish(f, a.out.as_ref(), g, &["grids"])
