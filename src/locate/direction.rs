@@ -197,10 +197,24 @@ pub fn activations(
     site: Site,
     layers: &[usize],
     batch: usize,
+    progress: impl FnMut(usize, usize),
+) -> Result<Vec<Vec<Vec<f32>>>> {
+    let points: Vec<HookPoint> = layers.iter().map(|&l| site.point(l)).collect();
+    point_activations(model, examples, &points, batch, progress)
+}
+
+/// Per hook point of `points` (in that order) and per example, the activation at the point
+/// averaged over the example's positions and flattened (`attn.hook_z`: head-major, n_heads·d_head
+/// values). Right-padded batches of similar lengths; `progress(done, total)` counts examples.
+pub fn point_activations(
+    model: &Model,
+    examples: &[Example],
+    points: &[HookPoint],
+    batch: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<Vec<Vec<f32>>>> {
     let n_layers = model.blocks.len();
-    if let Some(&l) = layers.iter().find(|&&l| l >= n_layers) {
+    if let Some(l) = points.iter().filter_map(|p| p.layer()).find(|&l| l >= n_layers) {
         return Err(Error::invalid(format!("layer {l} is out of range: the model has {n_layers} layers (0..{})", n_layers.saturating_sub(1))));
     }
     for (i, e) in examples.iter().enumerate() {
@@ -208,24 +222,23 @@ pub fn activations(
             return Err(Error::invalid(format!("example {i}: no tokens, or positions outside its {} tokens", e.ids.len())));
         }
     }
-    let mut out = vec![vec![vec![]; examples.len()]; layers.len()];
+    let mut out = vec![vec![vec![]; examples.len()]; points.len()];
     let lens: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
     let mut done = 0;
     progress(0, examples.len());
     for chunk in crate::verify::score::length_batches(&lens, batch) {
         let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| examples[i].ids.clone()).collect();
         let mut hooks = Hooks::new();
-        for &l in layers {
-            hooks.capture(site.point(l));
+        for &p in points {
+            hooks.capture(p);
         }
         model.forward(&Batch::right_padded(&seqs, 0), None, &mut hooks, Fwd { last_only: true, ..Fwd::default() })?;
-        for (k, &l) in layers.iter().enumerate() {
-            let p = site.point(l);
-            let a = hooks.captured.get(&p).ok_or_else(|| Error::invalid(format!("{p} was not captured")))?;
+        for (k, p) in points.iter().enumerate() {
+            let a = hooks.captured.get(p).ok_or_else(|| Error::invalid(format!("{p} was not captured")))?;
             for (r, &i) in chunk.iter().enumerate() {
                 let pos: Vec<u32> = examples[i].positions.iter().map(|&p| p as u32).collect();
                 let idx = Tensor::from_vec(pos, examples[i].positions.len(), &Device::Cpu)?;
-                let rows = a.i(r)?.index_select(&idx, 0)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+                let rows = a.i(r)?.index_select(&idx, 0)?.flatten_from(1)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
                 let mut mean = vec![0f64; rows[0].len()];
                 for row in &rows {
                     mean.iter_mut().zip(row).for_each(|(m, &x)| *m += x as f64);

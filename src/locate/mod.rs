@@ -8,6 +8,7 @@ pub mod direction;
 pub mod importance;
 pub mod logit_lens;
 pub mod patch;
+pub mod probe;
 
 use std::path::Path;
 

@@ -9,6 +9,7 @@ mod importance;
 pub mod logit_lens;
 pub mod neuron_importance;
 pub mod patch;
+pub mod probe;
 
 use std::path::{Path, PathBuf};
 
@@ -36,6 +37,7 @@ pub enum Method {
     LogitLens(logit_lens::LogitLensArgs),
     NeuronImportance(neuron_importance::NeuronImportanceArgs),
     Patch(patch::PatchArgs),
+    Probe(probe::ProbeArgs),
 }
 
 pub fn run(a: LocateArgs, g: &Global) -> anyhow::Result<()> {
@@ -48,6 +50,7 @@ pub fn run(a: LocateArgs, g: &Global) -> anyhow::Result<()> {
         Method::LogitLens(a) => logit_lens::run(a, g),
         Method::NeuronImportance(a) => neuron_importance::run(a, g),
         Method::Patch(a) => patch::run(a, g),
+        Method::Probe(a) => probe::run(a, g),
     }
 }
 
