@@ -51,11 +51,11 @@ pub struct ProbeArgs {
     /// Seed of the held-out split and of --shuffle-labels.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Use the first N examples of each train set (0 = all).
-    #[arg(long, default_value_t = 0)]
+    /// Use the first N examples of each train set (0 = all; harmless_train has 18793).
+    #[arg(long, default_value_t = 128)]
     pub limit: usize,
-    /// Use the first N examples of each held-out set (0 = all).
-    #[arg(long, default_value_t = 0)]
+    /// Use the first N examples of each held-out set (0 = all; harmless_val has 6264).
+    #[arg(long, default_value_t = 128)]
     pub val_limit: usize,
     /// Wrap prompts in the chat template (user turn + generation prompt).
     #[arg(long)]
