@@ -121,12 +121,7 @@ impl Plan {
             };
             let (opts, from) = select::resolve(&spec.options, &steps, &ir).map_err(at)?;
             for u in &from {
-                let chosen = match &u["selected"] {
-                    serde_json::Value::Array(v) if v.len() > 8 => format!("{} components: {}, ...", v.len(), v[..8].iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", ")),
-                    serde_json::Value::Array(v) => v.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "),
-                    other => other.as_str().unwrap_or_default().to_string(),
-                };
-                say(format!("pass {}: {} from `{}` findings: {chosen}", spec.name, u["option"].as_str().unwrap_or_default(), u["by"].as_str().unwrap_or_default()));
+                say(format!("pass {}: {}", spec.name, select::describe(u)));
             }
             let base = file.path.parent().unwrap_or(std::path::Path::new("."));
             let pass = (info.build)(&opts, &passes::BuildCtx { source, base_dir: base, tok: loaded.tok.as_ref(), progress }).map_err(at)?;

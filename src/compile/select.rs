@@ -88,6 +88,19 @@ pub fn resolve(options: &toml::Table, steps: &[StepFindings], ir: &Ir) -> Result
     Ok((out, used))
 }
 
+/// One line for a record of [`resolve`]: which option came from which findings, and what it
+/// chose (the first few of a long list).
+pub fn describe(used: &Value) -> String {
+    let names = |v: &[Value]| v.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ");
+    let chosen = match &used["selected"] {
+        Value::Array(v) if v.len() > 8 => format!("{} components: {}, ...", v.len(), names(&v[..8])),
+        Value::Array(v) => names(v),
+        other => other.as_str().unwrap_or_default().to_string(),
+    };
+    let field = |k: &str| used[k].as_str().unwrap_or_default().to_string();
+    format!("{} from `{}` findings: {chosen}", field("option"), field("by"))
+}
+
 fn step<'a>(steps: &'a [StepFindings], id: &str) -> Result<&'a StepFindings> {
     steps.iter().find(|s| s.id == id).ok_or_else(|| {
         let ids: Vec<&str> = steps.iter().map(|s| s.id.as_str()).collect();
