@@ -13,6 +13,10 @@ export MECHC_SHARED_DATA="${MECHC_SHARED_DATA:-$REPO/../shared/data}"
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# CI disks are shared and sometimes small: say how much room there is (a full run needs ~12 GB
+# on a clean clone: venv with torch 5.6, Qwen import 2.4, build 2.1, models 0.6, temp ~1).
+df -h "$REPO" "${TMPDIR:-/tmp}" 2>/dev/null | sed 's/^/    /' || true
+
 step "fetching models"
 bash scripts/fetch_models.sh
 step "python reference environment"
@@ -20,4 +24,9 @@ bash scripts/setup_python.sh
 step "cargo test --release"
 cargo test --release
 step "interop tests against HF transformers"
-MECHC_BIN="$REPO/target/release/mechc" "$MECHC_CACHE/venv/bin/python" -m pytest tests/interop -q -p no:cacheprovider
+# pytest's temp dirs (compiled checkpoints, ~1 GB) go to a fresh directory removed on exit:
+# by default pytest keeps the last three runs' under /tmp, and on a reused CI disk that filled it.
+PYTEST_TMP="$(mktemp -d "${TMPDIR:-/tmp}/mechc-interop.XXXXXX")"
+trap 'rm -rf "$PYTEST_TMP"' EXIT
+MECHC_BIN="$REPO/target/release/mechc" "$MECHC_CACHE/venv/bin/python" -m pytest tests/interop -q -p no:cacheprovider \
+    --basetemp "$PYTEST_TMP/run"
