@@ -1,6 +1,6 @@
 //! rank-one-edit: ROME knowledge edits (r-ROME-consistent keys) of one layer's `down_proj`,
-//! applied sequentially. The algorithm is in `src/rome/`; this file reads the options and the
-//! facts and runs it.
+//! applied sequentially, or MEMIT edits of a layer range, applied jointly. The algorithms are in
+//! `src/rome/`; this file reads the options and the facts and runs them.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -12,15 +12,17 @@ use crate::data::RecordSet;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::rome::covariance::{self, Covariance};
-use crate::rome::{self, Fact, Hparams, KeyValue, RankOne};
+use crate::rome::{self, memit, Fact, Hparams, KeyValue, RankOne};
 use crate::runtime::Hooks;
 use crate::tokenizer::Tok;
 
 pub const INFO: PassInfo = PassInfo { name: "rank-one-edit", doc: DOC, build, example };
 
-const DOC: &str = "ROME knowledge edits: make the model complete `prompt` (which names `subject`) with
-`target_new`, by a rank-one change of one layer's down_proj per fact (r-ROME-consistent keys;
-several facts are applied one after another, each computed on the model with the earlier ones).
+const DOC: &str = "ROME / MEMIT knowledge edits: make the model complete `prompt` (which names `subject`)
+with `target_new`. ROME (default): a rank-one change of one layer's down_proj per fact
+(r-ROME-consistent keys; several facts are applied one after another, each computed on the model
+with the earlier ones). MEMIT: all facts at once, spread over the down_projs of a layer range
+(per layer ΔW = R Kᵀ(λC + KKᵀ)⁻¹, one rank-one term per fact and layer).
 
 Options:
   facts = \"counterfact.json\"   CounterFact-style records (JSON list or JSONL) with `subject`,
@@ -28,26 +30,34 @@ Options:
                                relative to the pipeline file
   ids = [0, 4]                 the records (by `case_id`) to apply, in this order ...
   limit = 10                   ... or the first `limit` records (default 10)
-  layer = 4                    the down_proj to edit (0-based; required: EasyEdit uses 5 for
-                               Llama-7B, ROME 17 of 48 for GPT-2 XL; pick by evaluating, not by
-                               causal tracing)
+  method = \"rome\"              \"rome\" (sequential) or \"memit\" (joint, over `layers`)
+  layer = 4                    ROME: the down_proj to edit (0-based; required: EasyEdit uses 5
+                               for Llama-7B, ROME 17 of 48 for GPT-2 XL; pick by evaluating, not
+                               by causal tracing)
+  layers = [2, 3, 4, 5, 6]     MEMIT: the down_projs to edit, increasing (MEMIT: 3..8 of
+                               GPT-J's 28; EasyEdit 4..8 of Llama's 32); the targets are set on
+                               the residual after the last one
+  mom2_weight = 15000          MEMIT's λ in (λC + KKᵀ): larger keeps more of what C's text
+                               needs, smaller writes the facts harder (default 15000 with a
+                               covariance text, as MEMIT; 15 with \"identity\", as EasyEdit)
   covariance = \"wiki.txt\"      text whose MLP inputs give C = E[k kᵀ] (cached on disk, keyed by
-                               the weights, tokens and window), or \"identity\" (C = I, EasyEdit's
-                               default for Llama)
+                               the weights, tokens and window; for MEMIT one per layer, collected
+                               in one pass), or \"identity\" (C = I, EasyEdit's default for Llama)
   cov_tokens = 100000          tokens of the covariance text to use (default 100000)
   cov_seq_len = 512            window length for the covariance (default 512)
-  ridge = 1e-4                 C + ridge·mean(diag C)·I before the Cholesky solve (default 1e-4)
+  ridge = 1e-4                 ROME: C + ridge·mean(diag C)·I before the Cholesky solve (default 1e-4)
   prefixes = 10                generated context prefixes for k* and v* (multiple of 5; default 10)
   prefix_tokens = 5            tokens per generated prefix (default 5; ROME uses 10 of 5 tokens
                                and 10 of 10: raise both for better paraphrase generalisation
                                at proportionally more time per edit)
   seed = 0                     seed of the prefix sampling (default 0)
-  steps = 20                   Adam steps for v* (ROME: 20; stops once the loss is below 0.05)
+  steps = 20                   Adam steps for v* (MEMIT: z) (ROME: 20; stops once the loss is below 0.05)
   lr = 0.5
   kl_factor = 0.0625           weight of KL(p_edit ‖ p_orig) on \"{subject} is a\"
   weight_decay = 0.001         weight of ‖δ‖/‖v₀‖² (EasyEdit's Llama value; ROME's GPT-2 XL 0.5
                                assumes its large MLP outputs and would never let the loss stop)
-  clamp = 4.0                  ‖δ‖ ≤ clamp·‖v₀‖
+  clamp = 4.0                  ‖δ‖ ≤ clamp·‖v₀‖ (MEMIT: ‖δ‖ and the weight decay are relative to
+                               the residual after the last layer, not the MLP output)
 
 Needs the model's tokenizer. Runtime twin: a rank-k adapter beside the edited down_proj,
 mlp_out += Σᵢ rᵢ (uᵢ·k) with k the layer's mlp.hook_post; exact, since W' = W + Σᵢ rᵢuᵢᵀ.";
@@ -59,14 +69,17 @@ struct Opts {
     #[serde(default)]
     ids: Vec<toml::Value>,
     limit: Option<usize>,
-    layer: usize,
+    #[serde(default)]
+    method: Method,
+    layer: Option<usize>,
+    layers: Option<Vec<usize>>,
+    mom2_weight: Option<f64>,
     covariance: String,
     #[serde(default = "d_cov_tokens")]
     cov_tokens: usize,
     #[serde(default = "d_cov_seq_len")]
     cov_seq_len: usize,
-    #[serde(default = "d_ridge")]
-    ridge: f64,
+    ridge: Option<f64>,
     #[serde(default = "d_prefixes")]
     prefixes: usize,
     #[serde(default = "d_prefix_tokens")]
@@ -86,14 +99,35 @@ fn d_cov_tokens() -> usize {
 fn d_cov_seq_len() -> usize {
     512
 }
-fn d_ridge() -> f64 {
-    1e-4
-}
 fn d_prefixes() -> usize {
     10
 }
 fn d_prefix_tokens() -> usize {
     5
+}
+
+#[derive(Deserialize, Default, Debug, Clone, Copy, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum Method {
+    #[default]
+    Rome,
+    Memit,
+}
+
+/// Which down_projs are edited, and how.
+#[derive(Debug, Clone)]
+enum Edit {
+    Rome { layer: usize, ridge: f64 },
+    Memit { layers: Vec<usize>, lambda: f64 },
+}
+
+impl Edit {
+    fn layers(&self) -> Vec<usize> {
+        match self {
+            Edit::Rome { layer, .. } => vec![*layer],
+            Edit::Memit { layers, .. } => layers.clone(),
+        }
+    }
 }
 
 /// Where C comes from.
@@ -105,9 +139,8 @@ enum CovSource {
 
 struct RankOneEdit {
     facts: Vec<Fact>,
-    layer: usize,
+    edit: Edit,
     cov: CovSource,
-    ridge: f64,
     prefixes: usize,
     prefix_tokens: usize,
     seed: u64,
@@ -128,14 +161,8 @@ fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
     let m = cx.source;
     let o: Opts = options(t)?;
     let tok = cx.tok.ok_or_else(|| Error::invalid("rank-one-edit needs the model's tokenizer (tokenizer.json)"))?.clone();
-    if o.layer >= m.cfg.num_layers {
-        return Err(Error::invalid(format!("layer {} does not exist (the model has layers 0..{})", o.layer, m.cfg.num_layers - 1)));
-    }
     if o.prefixes % 5 != 0 {
         return Err(Error::invalid(format!("prefixes = {}: must be a multiple of 5", o.prefixes)));
-    }
-    if !(o.ridge >= 0.0 && o.ridge.is_finite()) {
-        return Err(Error::invalid(format!("ridge = {}: must be ≥ 0", o.ridge)));
     }
     let path = cx.path(&o.facts);
     if !o.ids.is_empty() && o.limit.is_some() {
@@ -176,6 +203,41 @@ fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
             CovSource::Text { path, tokens: o.cov_tokens, seq_len: o.cov_seq_len }
         }
     };
+    let exists = |l: usize| {
+        if l < m.cfg.num_layers {
+            Ok(l)
+        } else {
+            Err(Error::invalid(format!("layer {l} does not exist (the model has layers 0..{})", m.cfg.num_layers - 1)))
+        }
+    };
+    let edit = match o.method {
+        Method::Rome => {
+            if o.layers.is_some() || o.mom2_weight.is_some() {
+                return Err(Error::invalid("`layers` and `mom2_weight` are MEMIT's options (method = \"memit\"); ROME edits one `layer`"));
+            }
+            let layer = exists(o.layer.ok_or_else(|| Error::invalid("give the `layer` to edit (or method = \"memit\" with `layers`)"))?)?;
+            let ridge = o.ridge.unwrap_or(1e-4);
+            if !(ridge >= 0.0 && ridge.is_finite()) {
+                return Err(Error::invalid(format!("ridge = {ridge}: must be ≥ 0")));
+            }
+            Edit::Rome { layer, ridge }
+        }
+        Method::Memit => {
+            if o.layer.is_some() || o.ridge.is_some() {
+                return Err(Error::invalid("MEMIT edits a layer range: give `layers = [..]` (and `mom2_weight`), not `layer` or `ridge`"));
+            }
+            let layers = o.layers.ok_or_else(|| Error::invalid("method = \"memit\" needs `layers = [..]`, the down_projs to edit"))?;
+            if layers.is_empty() || layers.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(Error::invalid(format!("layers = {layers:?}: give at least one layer, in increasing order")));
+            }
+            let layers = layers.into_iter().map(exists).collect::<Result<Vec<_>>>()?;
+            let lambda = o.mom2_weight.unwrap_or(if matches!(cov, CovSource::Identity) { 15.0 } else { 15000.0 });
+            if !(lambda >= 0.0 && lambda.is_finite()) {
+                return Err(Error::invalid(format!("mom2_weight = {lambda}: must be ≥ 0")));
+            }
+            Edit::Memit { layers, lambda }
+        }
+    };
     let d = Hparams::default();
     let hp = Hparams {
         steps: o.steps.unwrap_or(d.steps),
@@ -190,9 +252,8 @@ fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
     }
     Ok(Box::new(RankOneEdit {
         facts,
-        layer: o.layer,
+        edit,
         cov,
-        ridge: o.ridge,
         prefixes: o.prefixes,
         prefix_tokens: o.prefix_tokens,
         seed: o.seed,
@@ -221,37 +282,55 @@ impl RankOneEdit {
     }
 
     fn compute(&self, model: &Model) -> Result<Edits> {
-        let dff = model.blocks[self.layer].down.w().dim(1)?;
-        let (cov, cov_note) = match &self.cov {
-            CovSource::Identity => (Covariance::identity(self.layer, dff), "C = I".to_string()),
+        let layers = self.edit.layers();
+        let (covs, cov_note) = match &self.cov {
+            CovSource::Identity => {
+                let covs = layers.iter().map(|&l| Ok(Covariance::identity(l, model.blocks[l].down.w().dim(1)?))).collect::<Result<Vec<_>>>()?;
+                (covs, "C = I".to_string())
+            }
             CovSource::Text { path, tokens, seq_len } => {
                 let ids = crate::locate::text_ids(&self.tok, path, *tokens)?;
                 let bar = crate::progress::bar(0, "covariance", self.progress);
                 let t = std::time::Instant::now();
-                let (c, hit) = Covariance::cached(model, self.layer, &ids, *seq_len, &covariance::default_cache_dir(), |i, n| {
+                let got = Covariance::cached_many(model, &layers, &ids, *seq_len, &covariance::default_cache_dir(), |i, n| {
                     bar.set_length(n as u64);
                     bar.set_position(i as u64);
                 })?;
                 bar.finish_and_clear();
-                let how = if hit { "cached".to_string() } else { format!("collected in {:.1} s", t.elapsed().as_secs_f64()) };
-                let note = format!("C over {} tokens ({how})", c.count);
-                (c, note)
+                let how = if got.iter().all(|c| c.1) { "cached".to_string() } else { format!("collected in {:.1} s", t.elapsed().as_secs_f64()) };
+                let note = format!("C over {} tokens ({how})", got[0].0.count);
+                (got.into_iter().map(|c| c.0).collect(), note)
             }
         };
         let prefixes = rome::context_prefixes(model, &self.tok, self.prefixes, self.prefix_tokens, self.seed)?;
-        let mut work = model.clone();
+        let reqs = self.facts.iter().map(|f| rome::request(&self.tok, f, &prefixes)).collect::<Result<Vec<_>>>()?;
         let (mut updates, mut kvs) = (vec![], vec![]);
-        let bar = crate::progress::bar(self.facts.len() as u64, "edits", self.progress);
-        for f in &self.facts {
-            let req = rome::request(&self.tok, f, &prefixes)?;
-            let kv = rome::key_value(&work, self.layer, &req, &self.hp)?;
-            let u = rome::rank_one(&work, &kv, &cov.solve(&kv.k, self.ridge)?)?;
-            u.apply(&mut work)?;
-            updates.push(u);
-            kvs.push(kv);
-            bar.inc(1);
+        match &self.edit {
+            Edit::Rome { layer, ridge } => {
+                let mut work = model.clone();
+                let bar = crate::progress::bar(reqs.len() as u64, "edits", self.progress);
+                for req in &reqs {
+                    let kv = rome::key_value(&work, *layer, req, &self.hp, rome::Anchor::MlpOut)?;
+                    let u = rome::rank_one(&work, &kv, &covs[0].solve(&kv.k, *ridge)?)?;
+                    u.apply(&mut work)?;
+                    updates.push(u);
+                    kvs.push(kv);
+                    bar.inc(1);
+                }
+                bar.finish_and_clear();
+            }
+            Edit::Memit { layers, lambda } => {
+                let last = *layers.last().expect("build checked: at least one layer");
+                let bar = crate::progress::bar((reqs.len() + layers.len()) as u64, "targets, then layers", self.progress);
+                for req in &reqs {
+                    kvs.push(rome::key_value(model, last, req, &self.hp, rome::Anchor::Resid)?);
+                    bar.inc(1);
+                }
+                let zs: Vec<Vec<f32>> = kvs.iter().map(|kv| kv.v.clone()).collect();
+                updates = memit::updates(model, layers, &reqs, &zs, &covs, *lambda, |_| bar.inc(1))?;
+                bar.finish_and_clear();
+            }
         }
-        bar.finish_and_clear();
         Ok(Edits { updates, kvs, cov_note })
     }
 }
@@ -259,15 +338,19 @@ impl RankOneEdit {
 impl Pass for RankOneEdit {
     fn run(&self, m: &mut Model) -> Result<String> {
         let e = self.edits(m)?;
-        for u in &e.updates {
-            u.apply(m)?;
-        }
+        rome::apply(&e.updates, m)?;
         let n = e.kvs.len() as f64;
         let mean = |f: &dyn Fn(&KeyValue) -> f64| e.kvs.iter().map(f).sum::<f64>() / n;
+        let (what, v0, per) = match &self.edit {
+            Edit::Rome { layer, .. } => (format!("into L{layer}.mlp down_proj"), "v₀", "per edit"),
+            Edit::Memit { layers, lambda } => {
+                let ls = layers.iter().map(|l| format!("L{l}")).collect::<Vec<_>>().join(",");
+                (format!("jointly into the down_proj of {ls} (MEMIT, λ = {lambda})"), "h", "per target z")
+            }
+        };
         Ok(format!(
-            "{} facts into L{}.mlp down_proj ({}); target NLL {:.2} → {:.2} (mean), ‖δ‖/‖v₀‖ {:.2}, {:.1} Adam steps, {:.2} s per edit",
+            "{} facts {what} ({}); target NLL {:.2} → {:.2} (mean), ‖δ‖/‖{v0}‖ {:.2}, {:.1} Adam steps, {:.2} s {per}",
             e.kvs.len(),
-            self.layer,
             e.cov_note,
             mean(&|k| k.nll_first),
             mean(&|k| k.nll_last),

@@ -1,6 +1,7 @@
-//! ROME (`rank-one-edit`): the update's algebra (W'k* = v*, and W'k = Wk for every k with
-//! kᵀC⁻¹k* = 0), the runtime twin, the v* optimisation on random models, the covariance and its
-//! cache; and on SmolLM2, a compiled edit whose `[verify.edit]` numbers equal `mechc eval edit`
+//! ROME and MEMIT (`rank-one-edit`): the update's algebra (W'k* = v*, and W'k = Wk for every k
+//! with kᵀC⁻¹k* = 0; MEMIT's per-layer least squares), the runtime twin, the v* / z optimisation
+//! on random models, MEMIT writing its targets through a layer range, the covariance and its
+//! cache; and on SmolLM2, compiled edits whose `[verify.edit]` numbers equal `mechc eval edit`
 //! on the emitted checkpoint.
 
 mod common;
@@ -11,8 +12,9 @@ use mechc::model::decoder::Fwd;
 use mechc::model::random::{random_model, RandomSpec};
 use mechc::model::Model;
 use mechc::rome::covariance::Covariance;
-use mechc::rome::{self, Hparams, KeyValue, RankOne, Request};
+use mechc::rome::{self, memit, Hparams, KeyValue, RankOne, Request};
 use mechc::runtime::{Batch, HookPoint, Hooks};
+use nalgebra::DMatrix;
 use proptest::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -106,6 +108,76 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// MEMIT's layer update ΔW = R Kᵀ(λC + KKᵀ)⁻¹ solves its normal equations
+    /// ΔW (λC + KKᵀ) = R Kᵀ, and as λ → 0 writes every key's residual exactly (ΔW K = R).
+    #[test]
+    fn memit_layer_update_solves_its_least_squares(seed in 0u64..100_000, n in 1usize..5) {
+        let mut r = StdRng::seed_from_u64(seed);
+        let (d, dm) = (r.gen_range(n + 2..24), r.gen_range(2..10));
+        let c = random_cov(&mut r, 0, d);
+        let keys: Vec<Vec<f32>> = (0..n).map(|_| randn(&mut r, d)).collect();
+        let resid: Vec<Vec<f32>> = (0..n).map(|_| randn(&mut r, dm)).collect();
+        let lambda = r.gen_range(0.01..10.0);
+        let dense = |ups: &[RankOne]| DMatrix::from_fn(dm, d, |i, j| ups.iter().map(|u| u.r[i] as f64 * u.u[j] as f64).sum::<f64>());
+        let k = DMatrix::from_fn(d, n, |i, j| keys[j][i] as f64);
+        let rm = DMatrix::from_fn(dm, n, |i, j| resid[j][i] as f64);
+        let rel = |a: &DMatrix<f64>, b: &DMatrix<f64>| (a - b).amax() / (b.amax() + 1e-12);
+        let ups = memit::layer_update(0, &keys, &resid, &c, lambda).unwrap();
+        prop_assert_eq!(ups.len(), n);
+        let m = DMatrix::from_row_slice(d, d, &c.mom2) * lambda + &k * k.transpose();
+        let (lhs, rhs) = (dense(&ups) * m, &rm * k.transpose());
+        prop_assert!(rel(&lhs, &rhs) < 1e-4, "normal equations off by {}", rel(&lhs, &rhs));
+        let exact = memit::layer_update(0, &keys, &resid, &c, 1e-9).unwrap();
+        prop_assert!(rel(&(dense(&exact) * &k), &rm) < 1e-3, "λ → 0 does not write R at K");
+        // A regularised update writes less than R (it trades the keys against C).
+        prop_assert!(rel(&(dense(&ups) * &k), &rm) > 1e-6);
+    }
+}
+
+/// MEMIT end to end on random models: z is the residual plus the optimised δ (Anchor::Resid),
+/// the updates spread over the range write z after the last layer (λ → 0, one context), they
+/// lower the target's loss, and the edited model equals its runtime twin.
+#[test]
+fn memit_writes_its_targets_through_the_layer_range_and_equals_its_twin() {
+    for seed in [2u64, 13, 31] {
+        let mut spec = RandomSpec::from_seed(seed);
+        spec.layers = 3;
+        let m = random_model(spec.config(), seed).unwrap();
+        // Edit blocks 0 and 1; block 2's attention carries δ from the subject token to the target.
+        let (layers, last) = ([0usize, 1], 1);
+        let reqs: Vec<Request> = (0..2).map(|i| request(&m, seed * 10 + i)).collect();
+        let hp = Hparams { steps: 25, weight_decay: 1e-3, ..Hparams::default() };
+        let kvs: Vec<KeyValue> = reqs.iter().map(|q| rome::key_value(&m, last, q, &hp, rome::Anchor::Resid).unwrap()).collect();
+        for (q, kv) in reqs.iter().zip(&kvs) {
+            assert!(kv.nll_last < kv.nll_first, "seed {seed}: NLL {} → {}", kv.nll_first, kv.nll_last);
+            // v = h + δ with h the unedited residual after `last` at the subject token.
+            let h = memit::key_and_resid(&m, last, last, q).unwrap().1;
+            let moved: f64 = h.iter().zip(&kv.v).map(|(a, b)| ((b - a) as f64).powi(2)).sum::<f64>().sqrt();
+            assert!((moved - kv.delta_norm).abs() <= 1e-4 * kv.delta_norm.max(1e-6), "seed {seed}: ‖z − h‖ {moved} vs ‖δ‖ {}", kv.delta_norm);
+        }
+        let zs: Vec<Vec<f32>> = kvs.iter().map(|kv| kv.v.clone()).collect();
+        let dff = m.cfg.intermediate_size;
+        let covs: Vec<Covariance> = layers.iter().map(|&l| Covariance::identity(l, dff)).collect();
+        let ups = memit::updates(&m, &layers, &reqs, &zs, &covs, 1e-9, |_| {}).unwrap();
+        assert_eq!(ups.len(), layers.len() * reqs.len());
+        assert!(ups.iter().all(|u| u.r.iter().any(|&x| x != 0.0)), "every layer takes a share");
+        let mut edited = m.clone();
+        rome::apply(&ups, &mut edited).unwrap();
+        for (q, z) in reqs.iter().zip(&zs) {
+            let h = memit::key_and_resid(&edited, last, last, q).unwrap().1;
+            let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+            assert!(max_rel(&f64s(&h), &f64s(z)) < 1e-3, "seed {seed}: the residual after L{last} is not z");
+        }
+        let batch = Batch::right_padded(&reqs.iter().map(|q| q.contexts[0].clone()).collect::<Vec<_>>(), 0);
+        let got = edited.forward(&batch, None, &mut Hooks::new(), Fwd::default()).unwrap();
+        let want = m.forward(&batch, None, &mut rome::twin(&ups).unwrap(), Fwd::default()).unwrap();
+        assert!(rel_diff(&got, &want) < 1e-5, "seed {seed}: twin rel diff {}", rel_diff(&got, &want));
+    }
+}
+
 /// A request in token ids on a random model: one context (so k* is that context's key).
 fn request(m: &Model, seed: u64) -> Request {
     let v = m.cfg.vocab_size as u32;
@@ -126,11 +198,11 @@ fn v_star_optimisation_lowers_the_target_loss_and_the_edit_writes_it() {
         // Random models have tiny MLP outputs: ROME's weight decay (0.5·‖δ‖/‖v₀‖²) would pin δ
         // at 0, so use EasyEdit's Llama value.
         let hp = Hparams { steps: 25, weight_decay: 1e-3, ..Hparams::default() };
-        let kv = rome::key_value(&m, layer, &req, &hp).unwrap();
+        let kv = rome::key_value(&m, layer, &req, &hp, rome::Anchor::MlpOut).unwrap();
         assert!(kv.nll_last < kv.nll_first, "seed {seed}: NLL {} → {}", kv.nll_first, kv.nll_last);
         assert!(kv.delta_norm <= hp.clamp * kv.v0_norm * (1.0 + 1e-5), "δ exceeds the clamp");
         // Deterministic.
-        assert_eq!(rome::key_value(&m, layer, &req, &hp).unwrap().v, kv.v);
+        assert_eq!(rome::key_value(&m, layer, &req, &hp, rome::Anchor::MlpOut).unwrap().v, kv.v);
         // k* is the MLP input at the subject token; the edit makes the MLP output there v*.
         let k: Vec<f64> = kv.k.iter().map(|&x| x as f64).collect();
         let mut edited = m.clone();
@@ -205,7 +277,21 @@ fn covariance_is_the_mean_outer_product_and_is_cached() {
 /// the edits took: both new targets now win on their prompts, which the source preferred less.
 #[test]
 fn smollm2_compiled_edits_are_what_eval_edit_measures() {
-    let Some(model) = common::registry_model(common::SMOLLM2) else { return };
+    compiled_edits_are_what_eval_edit_measures("ROME, 2 edits at L4 (C = I)", "layer = 4");
+}
+
+/// The same with MEMIT: both facts written jointly through layers 3 and 4.
+#[test]
+fn smollm2_compiled_memit_edits_are_what_eval_edit_measures() {
+    if let Some(summary) = compiled_edits_are_what_eval_edit_measures("MEMIT, 2 edits over L3,L4 (C = I)", "method = \"memit\"\nlayers = [3, 4]") {
+        assert!(summary.contains("MEMIT"), "{summary}");
+    }
+}
+
+/// Compiles the two edits with the pass options `edit_opts`, checks them, returns the pass summary
+/// (None when the registry model is not fetched).
+fn compiled_edits_are_what_eval_edit_measures(label: &str, edit_opts: &str) -> Option<String> {
+    let model = common::registry_model(common::SMOLLM2)?;
     let tmp = tempfile::tempdir().unwrap();
     let facts = common::shared_data().join("prompts/counterfact/counterfact-edit.json");
     let out = tmp.path().join("out");
@@ -213,7 +299,7 @@ fn smollm2_compiled_edits_are_what_eval_edit_measures() {
     std::fs::write(
         &p,
         format!(
-            "version = 1\n[model]\npath = \"{m}\"\n[[pass]]\nname = \"rank-one-edit\"\nfacts = \"{f}\"\nids = [0, 4]\nlayer = 4\ncovariance = \"identity\"\n\
+            "version = 1\n[model]\npath = \"{m}\"\n[[pass]]\nname = \"rank-one-edit\"\nfacts = \"{f}\"\nids = [0, 4]\n{edit_opts}\ncovariance = \"identity\"\n\
              [verify.edit]\nrecords = \"{f}\"\nids = [\"0\", \"4\"]\nmin_efficacy = 100\n[output]\npath = \"{o}\"\n",
             m = model.display(),
             f = facts.display(),
@@ -242,5 +328,7 @@ fn smollm2_compiled_edits_are_what_eval_edit_measures() {
     assert_eq!(m["score"].as_f64().unwrap(), metric("edit_score"));
     assert_eq!(metric("edit_efficacy"), 100.0);
     assert!(metric("edit_efficacy_source") < 100.0, "the source already preferred both new targets");
-    eprintln!("ROME, 2 edits at L4 (C = I): {}", manifest["passes"][0]["summary"]);
+    let summary = manifest["passes"][0]["summary"].as_str().unwrap().to_string();
+    eprintln!("{label}: {summary}");
+    Some(summary)
 }

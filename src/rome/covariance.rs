@@ -43,30 +43,44 @@ impl Covariance {
 
     /// Accumulate over `ids`, cut into disjoint windows of `seq_len` tokens. `on_window(i, n)`
     /// reports progress. Only blocks 0..=layer run, and logits are taken for one position.
-    pub fn collect(model: &Model, layer: usize, ids: &[u32], seq_len: usize, mut on_window: impl FnMut(usize, usize)) -> Result<Covariance> {
-        if layer >= model.cfg.num_layers {
-            return Err(Error::invalid(format!("layer {layer} does not exist (the model has {})", model.cfg.num_layers)));
+    pub fn collect(model: &Model, layer: usize, ids: &[u32], seq_len: usize, on_window: impl FnMut(usize, usize)) -> Result<Covariance> {
+        Ok(Covariance::collect_many(model, &[layer], ids, seq_len, on_window)?.remove(0))
+    }
+
+    /// [`Covariance::collect`] for several layers in one pass over the text (MEMIT's range):
+    /// one forward per window, up to the deepest layer.
+    pub fn collect_many(model: &Model, layers: &[usize], ids: &[u32], seq_len: usize, mut on_window: impl FnMut(usize, usize)) -> Result<Vec<Covariance>> {
+        let Some(&deepest) = layers.iter().max() else { return Ok(vec![]) };
+        if deepest >= model.cfg.num_layers {
+            return Err(Error::invalid(format!("layer {deepest} does not exist (the model has {})", model.cfg.num_layers)));
         }
         if seq_len == 0 || ids.is_empty() {
             return Err(Error::invalid("covariance: need a non-empty text and seq_len > 0"));
         }
-        let dim = model.blocks[layer].down.w().dim(1)?;
-        let mut acc = DMatrix::<f64>::zeros(dim, dim);
+        let dims: Vec<usize> = layers.iter().map(|&l| model.blocks[l].down.w().dim(1)).collect::<candle_core::Result<_>>()?;
+        let mut acc: Vec<DMatrix<f64>> = dims.iter().map(|&d| DMatrix::zeros(d, d)).collect();
         let windows: Vec<&[u32]> = ids.chunks(seq_len).collect();
         for (i, w) in windows.iter().enumerate() {
-            let mut hooks = truncated_hooks(model, layer);
-            hooks.capture(HookPoint::MlpPost(layer));
+            let mut hooks = truncated_hooks(model, deepest);
+            for &l in layers {
+                hooks.capture(HookPoint::MlpPost(l));
+            }
             model.forward(&Batch::single(w), None, &mut hooks, Fwd::default())?;
-            let k = &hooks.captured[&HookPoint::MlpPost(layer)];
-            let k = k.squeeze(0)?; // [t, dim]
-            // kᵀk in f32 over one window (≤ seq_len terms), summed across windows in f64.
-            let kk = k.t()?.matmul(&k)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-            acc += DMatrix::from_row_slice(dim, dim, &kk);
+            for ((&l, &dim), acc) in layers.iter().zip(&dims).zip(&mut acc) {
+                let k = hooks.captured[&HookPoint::MlpPost(l)].squeeze(0)?; // [t, dim]
+                // kᵀk in f32 over one window (≤ seq_len terms), summed across windows in f64.
+                let kk = k.t()?.matmul(&k)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                *acc += DMatrix::from_row_slice(dim, dim, &kk);
+            }
             on_window(i + 1, windows.len());
         }
         let count = ids.len();
-        let mom2 = (acc / count as f64).transpose().as_slice().to_vec();
-        Ok(Covariance { layer, dim, mom2, count })
+        Ok(layers
+            .iter()
+            .zip(dims)
+            .zip(acc)
+            .map(|((&layer, dim), acc)| Covariance { layer, dim, mom2: (acc / count as f64).transpose().as_slice().to_vec(), count })
+            .collect())
     }
 
     /// C⁻¹k by a Cholesky factorisation of C + ridge·mean(diag C)·I.
@@ -89,14 +103,29 @@ impl Covariance {
     /// From the cache directory `dir` (e.g. [`default_cache_dir`]), or collected and cached
     /// there. `on_window` reports collection progress; returns whether it came from the cache.
     pub fn cached(model: &Model, layer: usize, ids: &[u32], seq_len: usize, dir: &Path, on_window: impl FnMut(usize, usize)) -> Result<(Covariance, bool)> {
-        let key = cache_key(model, layer, ids, seq_len)?;
-        let path = dir.join(format!("{key}.safetensors"));
-        if let Some(c) = read(&path, layer)? {
-            return Ok((c, true));
+        Ok(Covariance::cached_many(model, &[layer], ids, seq_len, dir, on_window)?.remove(0))
+    }
+
+    /// [`Covariance::cached`] for several layers: those not in the cache are collected together
+    /// in one pass over the text.
+    pub fn cached_many(model: &Model, layers: &[usize], ids: &[u32], seq_len: usize, dir: &Path, on_window: impl FnMut(usize, usize)) -> Result<Vec<(Covariance, bool)>> {
+        let mut out: Vec<Option<(Covariance, bool)>> = vec![];
+        let mut missing = vec![];
+        for &layer in layers {
+            let key = cache_key(model, layer, ids, seq_len)?;
+            let path = dir.join(format!("{key}.safetensors"));
+            let hit = read(&path, layer)?;
+            if hit.is_none() {
+                missing.push((out.len(), layer, key, path));
+            }
+            out.push(hit.map(|c| (c, true)));
         }
-        let c = Covariance::collect(model, layer, ids, seq_len, on_window)?;
-        write(&path, &c, &key)?;
-        Ok((c, false))
+        let todo: Vec<usize> = missing.iter().map(|m| m.1).collect();
+        for ((i, _, key, path), c) in missing.into_iter().zip(Covariance::collect_many(model, &todo, ids, seq_len, on_window)?) {
+            write(&path, &c, &key)?;
+            out[i] = Some((c, false));
+        }
+        Ok(out.into_iter().map(|c| c.expect("every layer read or collected")).collect())
     }
 }
 

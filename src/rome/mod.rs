@@ -19,6 +19,7 @@
 //! Sequential edits are computed one after another on the model with the earlier edits applied.
 
 pub mod covariance;
+pub mod memit;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -135,9 +136,10 @@ pub struct KeyValue {
     pub layer: usize,
     /// [d_ff]
     pub k: Vec<f32>,
-    /// [d_model]: the MLP output the edit writes at k*.
+    /// [d_model]: the MLP output the edit writes at k* ([`Anchor::MlpOut`]), or the residual
+    /// MEMIT's layers should produce ([`Anchor::Resid`]).
     pub v: Vec<f32>,
-    /// ‖v₀‖ (the unedited MLP output at the bare prompt's subject token) and ‖δ‖.
+    /// ‖v₀‖ (the unedited anchor at the bare prompt's subject token) and ‖δ‖.
     pub v0_norm: f64,
     pub delta_norm: f64,
     /// Loss terms at the first and the last step (mean target NLL, KL, total).
@@ -148,8 +150,19 @@ pub struct KeyValue {
     pub seconds: f64,
 }
 
+/// What v* is: the output δ is added to (at the subject's last token) is the same for both, the
+/// residual after block `layer`; they differ in the vector δ is measured against (its norm
+/// scales the weight decay and the clamp) and that v* = anchor + δ returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Anchor {
+    /// ROME's `compute_v`: the block's MLP output.
+    MlpOut,
+    /// MEMIT's `compute_z`: the residual stream after the block.
+    Resid,
+}
+
 /// Compute k* and v* of one request at `layer` (see the module doc).
-pub fn key_value(model: &Model, layer: usize, req: &Request, hp: &Hparams) -> Result<KeyValue> {
+pub fn key_value(model: &Model, layer: usize, req: &Request, hp: &Hparams, anchor: Anchor) -> Result<KeyValue> {
     let start = Instant::now();
     if layer >= model.cfg.num_layers {
         return Err(Error::invalid(format!("layer {layer} does not exist (the model has {})", model.cfg.num_layers)));
@@ -190,9 +203,12 @@ pub fn key_value(model: &Model, layer: usize, req: &Request, hp: &Hparams) -> Re
     let post = post.reshape((rows.len() * t, post.dim(2)?))?;
     let idx: Vec<u32> = (0..n_ctx).map(|r| (r * t + req.lookup[r]) as u32).collect();
     let k_star = post.index_select(&Tensor::from_vec(idx, n_ctx, &dev)?, 0)?.mean(0)?;
-    let v0 = pre.captured[&HookPoint::MlpOut(layer)].get(0)?.get(req.lookup[0])?;
-    let v0n = norm(&v0)?;
     let resid = pre.captured[&HookPoint::ResidPost(layer)].clone();
+    let v0 = match anchor {
+        Anchor::MlpOut => pre.captured[&HookPoint::MlpOut(layer)].get(0)?.get(req.lookup[0])?,
+        Anchor::Resid => resid.get(0)?.get(req.lookup[0])?,
+    };
+    let v0n = norm(&v0)?;
 
     let delta = Var::zeros(d, DType::F32, &dev)?;
     let mut opt = AdamW::new(
@@ -302,15 +318,27 @@ pub fn rank_one(model: &Model, kv: &KeyValue, cinv_k: &[f64]) -> Result<RankOne>
     Ok(RankOne { layer: kv.layer, r, u })
 }
 
+/// W ← W + Σᵢ rᵢuᵢᵀ, each edited layer's updates in one matmul (R Uᵀ).
+pub fn apply(updates: &[RankOne], model: &mut Model) -> Result<()> {
+    let mut layers: Vec<usize> = updates.iter().map(|u| u.layer).collect();
+    layers.sort_unstable();
+    layers.dedup();
+    for l in layers {
+        let ups: Vec<&RankOne> = updates.iter().filter(|u| u.layer == l).collect();
+        let r = Tensor::stack(&ups.iter().map(|x| x.r_tensor()).collect::<Result<Vec<_>>>()?, 1)?; // [d_model, n]
+        let u = Tensor::stack(&ups.iter().map(|x| x.u_tensor()).collect::<Result<Vec<_>>>()?, 0)?; // [n, d_ff]
+        let down = &mut model.blocks[l].down;
+        let w = down.w();
+        let w2 = (w.to_dtype(DType::F32)? + r.matmul(&u)?)?.to_dtype(w.dtype())?;
+        *down = Linear::new(&w2, down.b.clone())?;
+    }
+    Ok(())
+}
+
 impl RankOne {
     /// W ← W + r uᵀ.
     pub fn apply(&self, model: &mut Model) -> Result<()> {
-        let down = &mut model.blocks[self.layer].down;
-        let (r, u) = (self.r_tensor()?, self.u_tensor()?);
-        let w = down.w();
-        let w2 = (w.to_dtype(DType::F32)? + r.unsqueeze(1)?.matmul(&u.unsqueeze(0)?)?)?.to_dtype(w.dtype())?;
-        *down = Linear::new(&w2, down.b.clone())?;
-        Ok(())
+        apply(std::slice::from_ref(self), model)
     }
 
     fn r_tensor(&self) -> Result<Tensor> {
