@@ -226,3 +226,44 @@ fn locate_steps_select_targets_and_are_cached_by_content() {
     let p = pipeline(tmp.path(), "i", "[[locate]]\nmethod = \"block-influence\"\ntext = \"calib.txt\"\ntokenz = 3\n");
     common::fails(common::mechc().env("MECHC_CACHE", &cache).arg("compile").arg(&p), &["locate[0] (block-influence)", "--tokenz"]);
 }
+
+/// `direction = { by = ID, layer = L }` in a pass and in `[verify.steer]`: both read the vector
+/// the `direction` step cached (the baked bias is c·v of that file's tensor), the manifest
+/// records it, and naming a step that is not a direction step is a one-line error.
+#[test]
+fn direction_steps_feed_passes_and_the_steer_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    std::fs::write(tmp.path().join("pos.json"), r#"["Lily was happy and smiled", "The sun was warm and bright", "Tom laughed with his friends", "They played and had fun"]"#).unwrap();
+    std::fs::write(tmp.path().join("neg.json"), r#"["Lily was sad and cried", "The night was cold and dark", "Tom was alone and scared", "They lost their toy and wept"]"#).unwrap();
+    let step = "[[locate]]\nid = \"mood\"\nmethod = \"direction\"\npositive = \"pos.json\"\nnegative = \"neg.json\"\n";
+    let steer = |by: &str| {
+        format!(
+            "{step}[[pass]]\nname = \"bake-steering\"\nmode = \"add\"\nlayer = 1\ncoeff = 2.0\nnormalize = false\ndirection = {{ by = \"mood\", layer = 2 }}\n\
+             [verify]\n[verify.steer]\nprompts = \"PROMPTS\"\ndirection = {{ by = \"{by}\", layer = 2 }}\n"
+        )
+    };
+    let run = |name: &str, body: &str| {
+        let p = pipeline(tmp.path(), name, body);
+        let mut c = common::mechc();
+        c.env("MECHC_CACHE", &cache).arg("compile").arg(&p);
+        c
+    };
+    run("a", &steer("mood")).assert().success();
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(tmp.path().join("out-a/mechc-manifest.json")).unwrap()).unwrap();
+    let used = &m["passes"][0]["findings"][0];
+    assert_eq!((used["by"].as_str(), used["selected"].as_str()), (Some("mood"), Some("blocks.2.hook_resid_pre")));
+    let vectors = m["passes"][0]["options"]["direction"].as_str().unwrap().rsplit_once(':').unwrap().0.to_string();
+    assert!(vectors.starts_with(cache.to_str().unwrap()), "{vectors}");
+    let v = mechc::io::st::StFile::open(std::path::Path::new(&vectors)).unwrap().get("blocks.2.hook_resid_pre").unwrap().unwrap();
+    let out = mechc::io::load(&tmp.path().join("out-a"), false).unwrap().model;
+    let bias = out.blocks[1].down.b.clone().expect("add mode writes down_proj's bias");
+    let want = (v.to_dtype(candle_core::DType::F32).unwrap() * 2.0).unwrap();
+    assert!(common::rel_diff(&bias, &want) < 1e-6, "bias is not 2·v");
+    let metrics = &m["verify"]["metrics"];
+    assert!(metrics["steer_gain"].as_f64().unwrap() > 0.0, "adding +2v must raise the projection on v: {metrics}");
+
+    let bi = "[[locate]]\nid = \"bi\"\nmethod = \"block-influence\"\ntext = \"TEXT\"\ntokens = 256\nseq_len = 128\n";
+    common::fails(&mut run("b", &format!("{bi}{}", steer("bi"))), &["verify.steer.direction", "`bi` is a block-influence step"]);
+    assert!(!tmp.path().join("out-b").exists());
+}

@@ -129,6 +129,14 @@ impl Plan {
             options.push(opts);
             used.push(from);
         }
+        // `[verify.steer] direction = { by }` becomes the step's vectors file, as in a pass.
+        let mut file = file;
+        if let Some(st) = file.pipeline.verify.as_mut().and_then(|v| v.steer.as_mut()) {
+            if let budget::DirectionRef::Found(d) = &st.direction {
+                let (path, _) = select::direction(d, &steps).map_err(|e| Error::config(&file.path, "verify.steer.direction", e.to_string()))?;
+                st.direction = budget::DirectionRef::File(path);
+            }
+        }
         Ok(Plan { file, source_path, out, emit: emit::EmitOpts { dtype, shard_size, force }, passes: built, options, steps, used })
     }
 
@@ -217,7 +225,10 @@ impl Plan {
             spec.path = self.file.resolve(&spec.path);
             let set = TextSet::load(&spec, st.limit)?;
             let ids = tok.prompts_ids(&set.texts, st.chat)?;
-            let mut dspec = SetSpec::parse(&st.direction);
+            let budget::DirectionRef::File(direction) = &st.direction else {
+                return Err(Error::invalid("verify.steer.direction: `{ by }` is resolved when the plan is made"));
+            };
+            let mut dspec = SetSpec::parse(direction);
             dspec.path = self.file.resolve(&dspec.path);
             let dir = steer::load_direction(&dspec, source.cfg.hidden_size)?;
             let metric = st.metric.unwrap_or(SteerMetric::Projection);

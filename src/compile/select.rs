@@ -7,7 +7,8 @@
 //!   `kind = "head"` picks one kind when the findings score several) becomes `layers = [..]`
 //!   (blocks), `heads = ["L3.H2", ..]` (query heads) or `neurons = { "3" = [..] }` (MLP neurons).
 //! - `direction = { by = ID }` (a `direction` step; `layer = L` for that layer's vector instead of
-//!   the best one) becomes `direction = "<cache>/vectors.safetensors:<tensor>"`.
+//!   the best one) becomes `direction = "<cache>/vectors.safetensors:<tensor>"` (also in
+//!   `[verify.steer]`, through [`direction`]).
 //!
 //! `ID` is a `[[locate]]` step's id. What was chosen, from which findings (with their hash),
 //! goes into the manifest.
@@ -37,11 +38,12 @@ struct Select {
     layers: Option<Vec<usize>>,
 }
 
-#[derive(Deserialize)]
+/// `{ by = ID [, layer = L] }`: the vector of a `direction` step (its best layer's by default).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
-struct FromDirection {
-    by: String,
-    layer: Option<usize>,
+pub struct FromDirection {
+    pub by: String,
+    pub layer: Option<usize>,
 }
 
 /// The options with `select` / `direction = { by }` replaced, and a record of each use.
@@ -67,25 +69,31 @@ pub fn resolve(options: &toml::Table, steps: &[StepFindings], ir: &Ir) -> Result
     }
     if let Some(toml::Value::Table(t)) = out.get("direction") {
         let d: FromDirection = crate::passes::options(t).map_err(|e| Error::invalid(format!("direction: {e}")))?;
-        let step = step(steps, &d.by)?;
-        if step.method != "direction" {
-            return Err(Error::invalid(format!("direction: `{}` is a {} step, not a direction step", step.id, step.method)));
-        }
-        let tensor = match d.layer {
-            None => step.findings.summary.get("best_tensor").and_then(Value::as_str).map(str::to_string),
-            Some(l) => step
-                .findings
-                .scores
-                .iter()
-                .find(|s| s.extra.get("layer").and_then(Value::as_u64) == Some(l as u64))
-                .and_then(|s| s.extra.get("tensor").and_then(Value::as_str).map(str::to_string)),
-        }
-        .ok_or_else(|| Error::invalid(format!("direction: the `{}` findings have no vector{}", step.id, d.layer.map_or(String::new(), |l| format!(" at layer {l}")))))?;
-        let path = format!("{}:{tensor}", step.vectors_path().display());
+        let (path, record) = direction(&d, steps)?;
         out.insert("direction".into(), toml::Value::String(path));
-        used.push(json!({"option": "direction", "by": step.id, "method": step.method, "findings_sha256": step.sha256, "selected": tensor}));
+        used.push(record);
     }
     Ok((out, used))
+}
+
+/// The vectors file and tensor (`FILE:TENSOR`) a [`FromDirection`] names, and its record.
+pub fn direction(d: &FromDirection, steps: &[StepFindings]) -> Result<(String, Value)> {
+    let step = step(steps, &d.by)?;
+    if step.method != "direction" {
+        return Err(Error::invalid(format!("direction: `{}` is a {} step, not a direction step", step.id, step.method)));
+    }
+    let tensor = match d.layer {
+        None => step.findings.summary.get("best_tensor").and_then(Value::as_str).map(str::to_string),
+        Some(l) => step
+            .findings
+            .scores
+            .iter()
+            .find(|s| s.extra.get("layer").and_then(Value::as_u64) == Some(l as u64))
+            .and_then(|s| s.extra.get("tensor").and_then(Value::as_str).map(str::to_string)),
+    }
+    .ok_or_else(|| Error::invalid(format!("direction: the `{}` findings have no vector{}", step.id, d.layer.map_or(String::new(), |l| format!(" at layer {l}")))))?;
+    let path = format!("{}:{tensor}", step.vectors_path().display());
+    Ok((path, json!({"option": "direction", "by": step.id, "method": step.method, "findings_sha256": step.sha256, "selected": tensor})))
 }
 
 /// One line for a record of [`resolve`]: which option came from which findings, and what it

@@ -80,8 +80,9 @@ pub struct SteerBudget {
     pub limit: usize,
     #[serde(default)]
     pub chat: bool,
-    /// The direction, FILE.safetensors[:TENSOR], relative to the pipeline file.
-    pub direction: String,
+    /// The direction: FILE.safetensors[:TENSOR] relative to the pipeline file, or
+    /// `{ by = ID [, layer = L] }` naming a `[[locate]]` direction step.
+    pub direction: DirectionRef,
     /// projection (default) or target.
     pub metric: Option<crate::verify::steer::SteerMetric>,
     /// For metric = "target": strings whose first token's log-prob is scored.
@@ -91,6 +92,13 @@ pub struct SteerBudget {
     pub measure_layer: Option<usize>,
     pub min_score: Option<f64>,
     pub min_gain: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum DirectionRef {
+    File(String),
+    Found(crate::compile::select::FromDirection),
 }
 
 /// Refusal rate on an instruction set, greedy, chat template (see `mechc eval refusal`).
