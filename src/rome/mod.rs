@@ -318,18 +318,29 @@ pub fn rank_one(model: &Model, kv: &KeyValue, cinv_k: &[f64]) -> Result<RankOne>
     Ok(RankOne { layer: kv.layer, r, u })
 }
 
-/// W ← W + Σᵢ rᵢuᵢᵀ, each edited layer's updates in one matmul (R Uᵀ).
-pub fn apply(updates: &[RankOne], model: &mut Model) -> Result<()> {
+/// The updates grouped by layer, in layer order: (layer, R [n, d_model], U [n, d_ff]), so that
+/// the layer's ΔW = Rᵀ U.
+fn by_layer(updates: &[RankOne]) -> Result<Vec<(usize, Tensor, Tensor)>> {
     let mut layers: Vec<usize> = updates.iter().map(|u| u.layer).collect();
     layers.sort_unstable();
     layers.dedup();
-    for l in layers {
-        let ups: Vec<&RankOne> = updates.iter().filter(|u| u.layer == l).collect();
-        let r = Tensor::stack(&ups.iter().map(|x| x.r_tensor()).collect::<Result<Vec<_>>>()?, 1)?; // [d_model, n]
-        let u = Tensor::stack(&ups.iter().map(|x| x.u_tensor()).collect::<Result<Vec<_>>>()?, 0)?; // [n, d_ff]
+    layers
+        .into_iter()
+        .map(|l| {
+            let ups: Vec<&RankOne> = updates.iter().filter(|u| u.layer == l).collect();
+            let r = Tensor::stack(&ups.iter().map(|x| x.r_tensor()).collect::<Result<Vec<_>>>()?, 0)?;
+            let u = Tensor::stack(&ups.iter().map(|x| x.u_tensor()).collect::<Result<Vec<_>>>()?, 0)?;
+            Ok((l, r, u))
+        })
+        .collect()
+}
+
+/// W ← W + Σᵢ rᵢuᵢᵀ, each edited layer's updates in one matmul (Rᵀ U).
+pub fn apply(updates: &[RankOne], model: &mut Model) -> Result<()> {
+    for (l, r, u) in by_layer(updates)? {
         let down = &mut model.blocks[l].down;
         let w = down.w();
-        let w2 = (w.to_dtype(DType::F32)? + r.matmul(&u)?)?.to_dtype(w.dtype())?;
+        let w2 = (w.to_dtype(DType::F32)? + r.t()?.contiguous()?.matmul(&u)?)?.to_dtype(w.dtype())?;
         *down = Linear::new(&w2, down.b.clone())?;
     }
     Ok(())
@@ -355,13 +366,8 @@ impl RankOne {
 /// handed to `hook_mlp_out` of the same forward).
 pub fn twin(updates: &[RankOne]) -> Result<Hooks> {
     let mut hooks = Hooks::new();
-    let mut layers: Vec<usize> = updates.iter().map(|u| u.layer).collect();
-    layers.sort_unstable();
-    layers.dedup();
-    for l in layers {
-        let ups: Vec<&RankOne> = updates.iter().filter(|u| u.layer == l).collect();
-        let u = Tensor::stack(&ups.iter().map(|x| x.u_tensor()).collect::<Result<Vec<_>>>()?, 1)?; // [d_ff, n]
-        let r = Tensor::stack(&ups.iter().map(|x| x.r_tensor()).collect::<Result<Vec<_>>>()?, 0)?; // [n, d_model]
+    for (l, r, u) in by_layer(updates)? {
+        let u = u.t()?.contiguous()?; // [d_ff, n]
         let coeff: Arc<Mutex<Option<Tensor>>> = Arc::new(Mutex::new(None));
         let c = coeff.clone();
         hooks.intervene(
