@@ -34,8 +34,9 @@ pub struct TraceArgs {
     /// Output .safetensors file (must not exist, unless --force).
     #[arg(long)]
     pub out: PathBuf,
-    /// Sum matmuls in blocks: logits as close to an f64 forward as transformers' f32 forward is
-    /// (≈2× slower). Without it, logits differ from transformers' by up to ~3e-4 on SmolLM2.
+    /// Multiply the projections in f64: logits closer to an f64 forward than transformers' f32
+    /// forward is (~1.25× slower). Without it, logits differ from transformers' by up to ~3e-4
+    /// on SmolLM2.
     #[arg(long)]
     pub precise: bool,
     /// Replace the output file if it exists.

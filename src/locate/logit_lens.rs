@@ -77,7 +77,7 @@ pub fn logit_lens(model: &Model, ids: &[u32], pos: usize, target: u32, top_k: us
             .ok_or_else(|| Error::invalid(format!("logit-lens: {p} was not captured")))?;
         // The same ops as the model's own final norm and unembedding (inference mode).
         let x = x.i((.., pos..pos + 1, ..))?.contiguous()?;
-        let x = candle_nn::ops::rms_norm(&x, &model.norm, model.cfg.rms_norm_eps as f32)?;
+        let x = crate::model::norm::rms_norm(&x, &model.norm, model.cfg.rms_norm_eps)?;
         let logits = x.broadcast_matmul(&head_t)?.flatten_all()?.to_vec1::<f32>()?;
         rows.push(row(component, &logits, target, top_k));
     }

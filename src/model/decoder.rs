@@ -40,7 +40,7 @@ impl Linear {
         let y = if opt.grad {
             frozen_matmul(x, &wt)?
         } else if opt.precise {
-            matmul_blocked(x, &wt)?
+            matmul_f64(x, &wt)?
         } else {
             x.broadcast_matmul(&wt)?
         };
@@ -51,28 +51,13 @@ impl Linear {
     }
 }
 
-/// Summation block of [`matmul_blocked`] along the inner dimension.
-const K_CHUNK: usize = 128;
-
-/// `x @ wt` with the inner dimension summed in blocks of [`K_CHUNK`] whose partial products
-/// are then added. candle's gemm accumulates each dot product in one sequential chain, which
-/// on SmolLM2 put the logits 2.3× further from an f64 run than torch's f32 matmul does (1.6e-4
-/// vs 7e-5); blocked summation brings that to torch's level, at 2.5–5× the matmul time.
-pub fn matmul_blocked(x: &Tensor, wt: &Tensor) -> candle_core::Result<Tensor> {
-    let k = wt.dim(0)?;
-    if k <= K_CHUNK {
-        return x.broadcast_matmul(wt);
-    }
-    let mut acc: Option<Tensor> = None;
-    for start in (0..k).step_by(K_CHUNK) {
-        let len = K_CHUNK.min(k - start);
-        let part = x.narrow(D::Minus1, start, len)?.broadcast_matmul(&wt.narrow(0, start, len)?)?;
-        acc = Some(match acc {
-            None => part,
-            Some(a) => (a + part)?,
-        });
-    }
-    Ok(acc.expect("k > 0"))
+/// `x @ wt` multiplied in f64 and rounded back to f32, for the `precise` forward. candle's f32
+/// gemm sums each dot product in one sequential chain, which put SmolLM2's logits 2.3× further
+/// from an f64 forward than torch's f32 matmul does; summing in f32 blocks only got that to
+/// torch's level. In f64 the projections are exact to f32 output rounding, at ~1.25× the
+/// time of a whole forward (the weights are converted on every call).
+pub fn matmul_f64(x: &Tensor, wt: &Tensor) -> candle_core::Result<Tensor> {
+    x.to_dtype(DType::F64)?.broadcast_matmul(&wt.to_dtype(DType::F64)?)?.to_dtype(DType::F32)
 }
 
 #[derive(Debug, Clone)]
@@ -120,7 +105,8 @@ pub struct Fwd {
     pub grad: bool,
     /// Compute logits for the last position only (generation).
     pub last_only: bool,
-    /// Blocked summation in the matmuls: as accurate as torch's f32 forward, slower.
+    /// Projections and unembedding multiplied in f64: closer to an f64 forward than torch's f32
+    /// forward is, slower.
     pub precise: bool,
 }
 
@@ -223,7 +209,7 @@ impl Model {
     fn rms_norm(&self, x: &Tensor, w: &Tensor, grad: bool) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
         if !grad {
-            return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?);
+            return Ok(super::norm::rms_norm(x, w, eps)?);
         }
         let var = x.sqr()?.mean_keepdim(D::Minus1)?;
         Ok(x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?)
@@ -304,7 +290,7 @@ impl Model {
         let logits = if opt.grad {
             frozen_matmul(&x, &self.lm_head.t()?)?
         } else if opt.precise {
-            matmul_blocked(&x, &self.lm_head.t()?)?
+            matmul_f64(&x, &self.lm_head.t()?)?
         } else {
             x.broadcast_matmul(&self.lm_head.t()?)?
         };

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod llama;
+pub mod norm;
 pub mod qwen2;
 pub mod random;
 pub mod rope;

@@ -2,9 +2,9 @@
 (30 layers, 9 query / 3 kv heads of 64, d_ff 1536).
 
 For each uniform variant the emitted directory loads with stock `AutoModelForCausalLM` (f32, eager)
-and its logits equal `mechc trace --precise` on the same directory within 1e-4 (with
-test_hf_interop's f32 noise-floor fallback, reported when used) on two prompts. The mean-compensated
-variants add zero biases elsewhere (`mlp_bias` / `attention_bias`) so that transformers builds the
+and its logits equal `mechc trace --precise` on the same directory within 1e-4 (or, where
+transformers' own f32 forward is further than that from its f64 one, by test_hf_interop's f64
+comparison) on two prompts. The mean-compensated variants add zero biases elsewhere (`mlp_bias` / `attention_bias`) so that transformers builds the
 same modules. A non-uniform head pruning is checked to be refused by stock transformers, as its
 doc says.
 
@@ -32,13 +32,9 @@ VARIANTS = [
                  {"intermediate_size": 1280, "mlp_bias": True}, id="neurons-256-mean"),
     pytest.param("heads-1-per-group", 'name = "prune-heads"\nper_group = 1\nuniform = true',
                  {"num_attention_heads": 6, "num_key_value_heads": 3, "head_dim": 64}, id="heads-1-per-group"),
-    pytest.param(
-        "heads-1-per-group-mean", 'name = "prune-heads"\nper_group = 1\nuniform = true\ncompensate = "mean"\nmean_over = "CALIB"',
-        {"num_attention_heads": 6, "num_key_value_heads": 3, "head_dim": 64, "attention_bias": True},
-        marks=pytest.mark.xfail(strict=False, reason=(
-            "open: loads in transformers, top-1 agrees 5/5, but max|Δlogit| 2.0e-3 on 'short' and mechc is 1.6e-3 from a "
-            "float64 run vs transformers-f32 3.5e-4 (the folded o_proj biases reach norm 71 in layer 24); not yet explained")),
-        id="heads-1-per-group-mean"),
+    pytest.param("heads-1-per-group-mean", 'name = "prune-heads"\nper_group = 1\nuniform = true\ncompensate = "mean"\nmean_over = "CALIB"',
+                 {"num_attention_heads": 6, "num_key_value_heads": 3, "head_dim": 64, "attention_bias": True},
+                 id="heads-1-per-group-mean"),
     # One ROME edit (C = I, few steps: the point here is the emitted down_proj, not the edit).
     pytest.param("rome-1", 'name = "rank-one-edit"\nfacts = "FACTS"\nids = [0]\nlayer = 4\ncovariance = "identity"\nsteps = 5',
                  {"intermediate_size": 1536, "mlp_bias": False}, id="rome-1"),

@@ -35,7 +35,7 @@ pub struct EditArgs {
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// Sum matmuls in blocks (transformers-level accuracy of the log-probs; slower).
+    /// Multiply the projections in f64 (log-probs at least as accurate as transformers'; slower).
     #[arg(long)]
     pub precise: bool,
     /// Record field names (for sets that name them differently).
