@@ -1,12 +1,13 @@
-"""`mechc compile` output vs HF transformers (5.24): prune-neurons and prune-heads on SmolLM2-135M
-(30 layers, 9 query / 3 kv heads of 64, d_ff 1536).
+"""`mechc compile` output vs HF transformers (5.24): skip-layers, prune-neurons, prune-heads and
+rank-one-edit (ROME, MEMIT) on SmolLM2-135M (30 layers, 9 query / 3 kv heads of 64, d_ff 1536);
+bake-steering is in test_steer_interop.py.
 
 For each uniform variant the emitted directory loads with stock `AutoModelForCausalLM` (f32, eager)
 and its logits equal `mechc trace --precise` on the same directory within 1e-4 (or, where
 transformers' own f32 forward is further than that from its f64 one, by test_hf_interop's f64
-comparison) on two prompts. The mean-compensated variants add zero biases elsewhere (`mlp_bias` / `attention_bias`) so that transformers builds the
-same modules. A non-uniform head pruning is checked to be refused by stock transformers, as its
-doc says.
+comparison) on two prompts. The mean-compensated variants add zero biases elsewhere (`mlp_bias` /
+`attention_bias`) so that transformers builds the same modules. A non-uniform head pruning is
+checked to be refused by stock transformers, as its doc says.
 
 Run: MECHC_BIN=target/release/mechc .cache/venv/bin/python -m pytest tests/interop/test_compile_interop.py -q
 """
@@ -35,9 +36,13 @@ VARIANTS = [
     pytest.param("heads-1-per-group-mean", 'name = "prune-heads"\nper_group = 1\nuniform = true\ncompensate = "mean"\nmean_over = "CALIB"',
                  {"num_attention_heads": 6, "num_key_value_heads": 3, "head_dim": 64, "attention_bias": True},
                  id="heads-1-per-group-mean"),
-    # One ROME edit (C = I, few steps: the point here is the emitted down_proj, not the edit).
+    pytest.param("skip-2", 'name = "skip-layers"\nlayers = [14, 21]', {"num_hidden_layers": 28}, id="skip-2"),
+    # One ROME edit, and one MEMIT edit over two layers (C = I, few steps: the point here is the
+    # emitted down_proj weights, not the edit).
     pytest.param("rome-1", 'name = "rank-one-edit"\nfacts = "FACTS"\nids = [0]\nlayer = 4\ncovariance = "identity"\nsteps = 5',
                  {"intermediate_size": 1536, "mlp_bias": False}, id="rome-1"),
+    pytest.param("memit-1", 'name = "rank-one-edit"\nmethod = "memit"\nfacts = "FACTS"\nids = [0]\nlayers = [3, 4]\n'
+                 'covariance = "identity"\nsteps = 5', {"intermediate_size": 1536, "mlp_bias": False}, id="memit-1"),
 ]
 
 
