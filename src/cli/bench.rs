@@ -12,21 +12,29 @@ use crate::model::decoder::Fwd;
 use crate::runtime::generate::{generate, GenOpts};
 use crate::runtime::{Batch, Hooks};
 
-/// Time 64- and 512-token prefill (median of --runs after one warm-up) and greedy decode
-/// (64 new tokens from a 16-token prompt, KV cache), and report peak RSS, as JSON.
+/// Time prefill (64 and 512 tokens unless --prefill says otherwise; median of --runs after one
+/// warm-up) and greedy decode (64 new tokens from a 16-token prompt, KV cache), and report peak
+/// RSS, as JSON.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// HF model directory or .gguf file.
     pub model: PathBuf,
-    /// JSON list of ≥ 512 token ids to use (default: the tokenised text of --text).
+    /// JSON list of token ids to use, at least the longest --prefill (default: the tokenised text
+    /// of --text).
     #[arg(long)]
     pub ids_file: Option<PathBuf>,
     /// Text to tokenise when no --ids-file is given.
     #[arg(long)]
     pub text: Option<PathBuf>,
+    /// Prefill lengths to time (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [64, 512])]
+    pub prefill: Vec<usize>,
     /// Timed runs per prefill length.
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
+    /// Timed greedy generations (64 tokens each); 0 skips decode.
+    #[arg(long, default_value_t = 3)]
+    pub decode_runs: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -49,8 +57,9 @@ pub fn run(a: BenchArgs, g: &Global) -> anyhow::Result<()> {
         (None, Some(t)) => loaded.tok()?.encode(&std::fs::read_to_string(t)?, false)?,
         (None, None) => anyhow::bail!("give --ids-file or --text"),
     };
-    if ids.len() < 512 {
-        anyhow::bail!("need at least 512 token ids, got {}", ids.len());
+    let need = a.prefill.iter().copied().max().unwrap_or(0).max(16);
+    if ids.len() < need {
+        anyhow::bail!("need at least {need} token ids, got {}", ids.len());
     }
     let m = &loaded.model;
     let prefill = |n: usize| -> anyhow::Result<f64> {
@@ -64,23 +73,22 @@ pub fn run(a: BenchArgs, g: &Global) -> anyhow::Result<()> {
         }
         Ok(median(times))
     };
-    let p64 = prefill(64)?;
-    let p512 = prefill(512)?;
+    let mut out = json!({ "impl": "mechc" });
+    for &n in &a.prefill {
+        out[format!("prefill_{n}_ms")] = json!(prefill(n)?);
+    }
     let opts = GenOpts { max_tokens: 64, ..GenOpts::default() };
     let mut rates = vec![];
-    for _ in 0..3 {
+    for _ in 0..a.decode_runs {
         let t = Instant::now();
         let n = generate(m, &ids[..16], &opts, &mut Hooks::new(), |_| Ok(()))?.len();
         rates.push(n as f64 / t.elapsed().as_secs_f64());
     }
-    let out = json!({
-        "impl": "mechc",
-        "prefill_64_ms": p64,
-        "prefill_512_ms": p512,
-        "decode_tok_s": median(rates),
-        "peak_rss_mb": peak_rss_mb(),
-        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-    });
+    if !rates.is_empty() {
+        out["decode_tok_s"] = json!(median(rates));
+    }
+    out["peak_rss_mb"] = json!(peak_rss_mb());
+    out["threads"] = json!(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     println!("{}", serde_json::to_string(&out)?);
     Ok(())
 }

@@ -6,10 +6,12 @@ pub mod attention;
 pub mod config;
 pub mod decoder;
 pub mod llama;
+pub mod matvec;
 pub mod norm;
 pub mod qwen2;
 pub mod random;
 pub mod rope;
+pub mod swiglu;
 
 use candle_core::{DType, Tensor};
 use serde_json::{Map, Value};
