@@ -53,11 +53,7 @@ impl CustomOp1 for MaskedSoftmax {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let src = storage.as_slice::<f32>()?;
-        let (a, z) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("masked-softmax: input must be contiguous".into()))?;
-        let src = &src[a..z];
+        let src = super::op_input(storage, layout, "masked-softmax", "input")?;
         let dims = layout.shape().dims();
         let total = dims[dims.len() - 1];
         let rows_per_batch: usize = dims[1..dims.len() - 1].iter().product();

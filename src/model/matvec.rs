@@ -14,13 +14,6 @@ struct MatVec;
 const ROWS: usize = 64;
 const LANES: usize = 16;
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let (a, z) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("matvec: {what} must be contiguous")))?;
-    Ok(&s.as_slice::<f32>()?[a..z])
-}
-
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -39,8 +32,8 @@ impl CustomOp2 for MatVec {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "input")?;
-        let w = contiguous(s2, l2, "weight")?;
+        let x = super::op_input(s1, l1, "matvec", "input")?;
+        let w = super::op_input(s2, l2, "matvec", "weight")?;
         let (out, k) = l2.shape().dims2()?;
         if x.len() != k {
             candle_core::bail!("matvec: input {:?} vs weight {:?}", l1.shape(), l2.shape());

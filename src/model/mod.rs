@@ -236,6 +236,20 @@ pub fn check_finite(t: &Tensor, name: &str, file: &std::path::Path) -> Result<()
     Ok(())
 }
 
+/// The contiguous f32 data of input `what` of the forward's custom op `op` (the kernels in
+/// `attention.rs`, `norm.rs`, `swiglu.rs`, `matvec.rs`).
+pub(crate) fn op_input<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let (a, z) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: {what} must be contiguous")))?;
+    Ok(&s.as_slice::<f32>()?[a..z])
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

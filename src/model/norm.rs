@@ -12,21 +12,14 @@ struct RmsNorm {
     eps: f64,
 }
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let (a, z) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("rms-norm: {what} must be contiguous")))?;
-    Ok(&s.as_slice::<f32>()?[a..z])
-}
-
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "rms-norm-f64-sum"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, "input")?;
-        let w = contiguous(s2, l2, "weight")?;
+        let x = super::op_input(s1, l1, "rms-norm", "input")?;
+        let w = super::op_input(s2, l2, "rms-norm", "weight")?;
         let n = w.len();
         if l1.shape().dims().last() != Some(&n) {
             candle_core::bail!("rms-norm: input {:?} vs weight of {n}", l1.shape());

@@ -12,13 +12,6 @@ struct SiluMul;
 /// Elements per parallel task: big enough that a task outweighs rayon's overhead.
 const CHUNK: usize = 8192;
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let (a, z) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("silu-mul: {what} must be contiguous")))?;
-    Ok(&s.as_slice::<f32>()?[a..z])
-}
-
 impl CustomOp2 for SiluMul {
     fn name(&self) -> &'static str {
         "silu-mul"
@@ -28,7 +21,7 @@ impl CustomOp2 for SiluMul {
         if l1.shape() != l2.shape() {
             candle_core::bail!("silu-mul: gate {:?} vs up {:?}", l1.shape(), l2.shape());
         }
-        let (g, u) = (contiguous(s1, l1, "gate")?, contiguous(s2, l2, "up")?);
+        let (g, u) = (super::op_input(s1, l1, "silu-mul", "gate")?, super::op_input(s2, l2, "silu-mul", "up")?);
         let mut dst = vec![0f32; g.len()];
         let run = |((d, g), u): ((&mut [f32], &[f32]), &[f32])| {
             for ((d, &g), &u) in d.iter_mut().zip(g).zip(u) {

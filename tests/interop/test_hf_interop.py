@@ -28,8 +28,9 @@ from interop_common import MODEL_ORDER, MODELS, SHARED_DATA
 
 LOGIT_ATOL = float(os.environ.get("MECHC_INTEROP_LOGIT_ATOL", "1e-4"))
 # See compare_logits: beyond 1e-4, mechc must be at most ACCURACY_FACTOR x as far from a float64
-# run as transformers' own f32 forward is.
+# run as f32 rounding puts a forward (transformers' own f32 one, or simulated rounding).
 ACCURACY_FACTOR = 1.5
+ROUNDING_SEEDS = 4
 
 # ---------------------------------------------------------------------------------------------
 # prompts
@@ -116,6 +117,38 @@ def _diff_ids(ours: list[int], theirs: list[int], tok=None) -> str:
     return s
 
 
+def f32_rounding_spread(model, ids, l64) -> float:
+    """Max |logit - l64| over ROUNDING_SEEDS runs of the float64 `model` in which the output of
+    every Linear, RMSNorm and decoder layer, the residual after attention and the MLP's product
+    are each multiplied by 1 + u·U(-1, 1), u = 2^-24: one f32 rounding per op (Monte Carlo
+    arithmetic), so the spread of logits that an f32 forward of this model and prompt would
+    have from rounding alone, whatever its summation order."""
+    u = 2.0 ** -24
+
+    def perturb(t, gen):
+        t.mul_(1 + u * (2 * torch.rand(t.shape, generator=gen, dtype=t.dtype) - 1))
+
+    worst = 0.0
+    for seed in range(ROUNDING_SEEDS):
+        gen = torch.Generator().manual_seed(seed)
+        hooks = []
+        for mod in model.modules():
+            kind = type(mod).__name__
+            if isinstance(mod, torch.nn.Linear) or kind.endswith("RMSNorm") or kind.endswith("DecoderLayer"):
+                hooks.append(mod.register_forward_hook(
+                    lambda m, i, o, gen=gen: perturb(o[0] if isinstance(o, tuple) else o, gen)))
+        for layer in model.model.layers:
+            for mod in (layer.post_attention_layernorm, layer.mlp.down_proj):  # resid_mid, silu(gate)*up
+                hooks.append(mod.register_forward_pre_hook(lambda m, i, gen=gen: perturb(i[0], gen)))
+        try:
+            with torch.no_grad():
+                worst = max(worst, float(np.abs(model(ids).logits[0].numpy() - l64).max()))
+        finally:
+            for h in hooks:
+                h.remove()
+    return worst
+
+
 def compare_logits(label: str, ours_ids: list[int], ours_logits: np.ndarray, model, report) -> None:
     """Max abs logit difference at every position <= LOGIT_ATOL; reports max diff and top-1 agreement.
     Over LOGIT_ATOL, both sides are measured against a float64 run of the same transformers model:
@@ -136,25 +169,31 @@ def compare_logits(label: str, ours_ids: list[int], ours_logits: np.ndarray, mod
     if maxd <= LOGIT_ATOL:
         return
     # Over 1e-4: transformers' f32 forward is itself one sample of f32 rounding. On SmolLM2 (logits
-    # up to ~40, residual activations over 1000 at the first position) it is already 5e-5..3.5e-4
-    # from its own f64 forward, so two correct f32 implementations with different rounding cannot
-    # agree to 1e-4 everywhere. The f64 run (nn.Module's own casts, converted back exactly
-    # afterwards, because GGUF-loaded models refuse PreTrainedModel.double()/.float()) is the
-    # ground truth: mechc passes if it is at most ACCURACY_FACTOR x as far from it as transformers'
-    # f32 forward. Then max|Δlogit| <= (1 + ACCURACY_FACTOR) x transformers' error by the triangle
-    # inequality; a real mismatch (a missing bias, a wrong eps) is orders of magnitude further.
+    # up to ~40, residual activations over 1000 at the first position) it is 5e-5..5e-4 from its
+    # own f64 forward, depending on the prompt and on tiny weight changes, so two correct f32
+    # implementations cannot agree to 1e-4 everywhere. The f64 run (nn.Module's own casts,
+    # converted back exactly afterwards, because GGUF-loaded models refuse
+    # PreTrainedModel.double()/.float()) is the ground truth, and the scale of f32 noise is the
+    # larger of transformers' f32 distance from it and the largest of ROUNDING_SEEDS f64 runs
+    # with every op's output perturbed by one f32 rounding (see f32_rounding_spread): one lucky
+    # transformers sample must not set the bar. mechc passes if it is at most ACCURACY_FACTOR x
+    # that scale from f64; a real mismatch (a missing bias, a wrong eps) is orders of magnitude
+    # further.
     torch.nn.Module.double(model)
     try:
         with torch.no_grad():
             l64 = model(ids).logits[0].numpy()
+        spread = f32_rounding_spread(model, ids, l64)
     finally:
         torch.nn.Module.float(model)
     ours64 = float(np.abs(ours_logits - l64).max())
     theirs64 = float(np.abs(theirs - l64).max())
-    accurate = ours64 <= ACCURACY_FACTOR * theirs64 + 1e-5
+    scale = max(theirs64, spread)
+    accurate = ours64 <= ACCURACY_FACTOR * scale + 1e-5
     note = (f"  over {LOGIT_ATOL:g}; vs a float64 run of the transformers model: mechc {ours64:.2e}, "
-            f"transformers-f32 {theirs64:.2e} (ratio {ours64 / max(theirs64, 1e-30):.2f}x, "
-            f"allowed {ACCURACY_FACTOR:g}x): {'accepted' if accurate else 'REJECTED'}")
+            f"transformers-f32 {theirs64:.2e}, simulated f32 rounding up to {spread:.2e} "
+            f"(ratio {ours64 / max(scale, 1e-30):.2f}x, allowed {ACCURACY_FACTOR:g}x): "
+            f"{'accepted' if accurate else 'REJECTED'}")
     report.append(note)
     if accurate:
         return
