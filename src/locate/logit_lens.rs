@@ -68,17 +68,15 @@ pub fn logit_lens(model: &Model, ids: &[u32], pos: usize, target: u32, top_k: us
     let sites = [(Component::Embed, HookPoint::Embed)]
         .into_iter()
         .chain((0..layers).map(|l| (Component::Block(l), HookPoint::ResidPost(l))));
-    let head_t = model.lm_head.t()?;
     let mut rows = vec![];
     for (component, p) in sites {
         let x = hooks
             .captured
             .get(&p)
             .ok_or_else(|| Error::invalid(format!("logit-lens: {p} was not captured")))?;
-        // The same ops as the model's own final norm and unembedding (inference mode).
+        // The model's own final norm and unembedding (inference mode), on this position alone.
         let x = x.i((.., pos..pos + 1, ..))?.contiguous()?;
-        let x = crate::model::norm::rms_norm(&x, &model.norm, model.cfg.rms_norm_eps)?;
-        let logits = x.broadcast_matmul(&head_t)?.flatten_all()?.to_vec1::<f32>()?;
+        let logits = model.unembed(x, &mut Hooks::new(), Fwd::default())?.flatten_all()?.to_vec1::<f32>()?;
         rows.push(row(component, &logits, target, top_k));
     }
     Ok(rows)
