@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::io::control_vector::{self, Direction};
 use crate::model::decoder::Linear;
 use crate::model::{Arch, Model, Proj};
+use crate::runtime::hooks::project_out;
 use crate::runtime::{HookPoint, Hooks, Op};
 
 pub const INFO: PassInfo = PassInfo {
@@ -563,22 +564,12 @@ fn example(m: &Model, seed: u64) -> Option<toml::Table> {
     Some(t)
 }
 
-/// W [d_model, d_in] ← W − λ r (rᵀ W).
-fn ortho_out(w: &Tensor, r: &Tensor, lambda: f64) -> Result<Tensor> {
-    let d = r.dim(0)?;
-    let rw = r.reshape((1, d))?.matmul(w)?; // [1, d_in]
-    Ok((w - (r.reshape((d, 1))?.matmul(&rw)? * lambda)?)?)
-}
-
-/// b [d_model] ← b − λ (r·b) r.
-fn ortho_vec(b: &Tensor, r: &Tensor, lambda: f64) -> Result<Tensor> {
-    let dot = (b * r)?.sum_all()?.to_scalar::<f32>()? as f64;
-    Ok((b - (r * (lambda * dot))?)?)
-}
-
+/// (I − λ r rᵀ) applied to what a linear layer writes: every column of W [d_model, d_in] and
+/// the bias, with the runtime twin's own `project_out`.
 fn ortho_linear(lin: &Linear, r: &Tensor, lambda: f64) -> Result<Linear> {
-    let b = lin.b.as_ref().map(|b| ortho_vec(b, r, lambda)).transpose()?;
-    Linear::new(&ortho_out(lin.w(), r, lambda)?, b)
+    let w = project_out(&lin.w().t()?, r, lambda)?.t()?.contiguous()?;
+    let b = lin.b.as_ref().map(|b| project_out(&b.unsqueeze(0)?, r, lambda)?.squeeze(0)).transpose()?;
+    Linear::new(&w, b)
 }
 
 impl Pass for BakeSteering {
@@ -628,9 +619,14 @@ impl Pass for BakeSteering {
             }
             Mode::Ablate { r, layers, embed } => {
                 if *embed {
-                    let d = r.dim(0)?;
-                    let er = m.embed.matmul(&r.reshape((d, 1))?)?; // [vocab, 1]
-                    let new = (&m.embed - er.matmul(&r.reshape((1, d))?)?)?;
+                    // In row blocks: project_out works in f64, and a whole 128k-token
+                    // embedding in f64 would be several GB of temporaries.
+                    let vocab = m.embed.dim(0)?;
+                    let blocks = (0..vocab)
+                        .step_by(16_384)
+                        .map(|s| project_out(&m.embed.narrow(0, s, 16_384.min(vocab - s))?, r, 1.0))
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    let new = Tensor::cat(&blocks, 0)?;
                     if m.cfg.tie_word_embeddings {
                         m.lm_head = m.embed.clone();
                         m.cfg.tie_word_embeddings = false;
@@ -673,9 +669,7 @@ impl Pass for BakeSteering {
                     }
                     let r = r.clone();
                     Op::Func(std::sync::Arc::new(move |x: &Tensor| {
-                        let r = r.to_dtype(x.dtype())?;
-                        let proj = x.broadcast_mul(&r)?.sum_keepdim(candle_core::D::Minus1)?;
-                        x - (proj.broadcast_mul(&r)? * lambda)?
+                        project_out(x, &r, lambda)
                     }))
                 };
                 if *embed {

@@ -144,6 +144,18 @@ impl fmt::Debug for Op {
     }
 }
 
+/// x ← x − λ (x·r̂) r̂ along the last axis, r̂ = r/|r|, computed in f64 and rounded once.
+/// Directional ablation removes a component that may be most of x; in f32 the leftover would be
+/// ~1e-7·|x| rather than ~1e-7 of the result. The bake-steering pass rewrites its weights with
+/// this same function, so the weights and the runtime twin round alike.
+pub fn project_out(x: &Tensor, r: &Tensor, lambda: f64) -> candle_core::Result<Tensor> {
+    let r = r.to_dtype(DType::F64)?.flatten_all()?;
+    let r = r.broadcast_div(&r.sqr()?.sum_all()?.sqrt()?)?;
+    let x64 = x.to_dtype(DType::F64)?;
+    let proj = x64.broadcast_matmul(&r.unsqueeze(1)?)?; // [..., 1]
+    (x64 - (proj.broadcast_mul(&r)? * lambda)?)?.to_dtype(x.dtype())
+}
+
 /// An intervention: an op at a site, optionally restricted to some positions.
 #[derive(Debug, Clone)]
 pub struct Intervention {
@@ -283,15 +295,11 @@ fn apply(iv: &Intervention, x: &Tensor) -> Result<Tensor> {
             x.broadcast_mul(&s)?
         }
         Op::ProjectOut(r) => {
-            let r = r.to_dtype(DType::F32)?.flatten_all()?;
-            let n = r.sqr()?.sum_all()?.sqrt()?;
-            let r = r.broadcast_div(&n)?.to_dtype(x.dtype())?;
-            let d = r.dim(0)?;
+            let d = r.elem_count();
             if x.dim(candle_core::D::Minus1)? != d {
                 return Err(Error::invalid(format!("project-out at {}: direction has {d} features", iv.point)));
             }
-            let proj = x.broadcast_mul(&r)?.sum_keepdim(candle_core::D::Minus1)?; // [..., 1]
-            (x - proj.broadcast_mul(&r)?)?
+            project_out(x, r, 1.0)?
         }
         Op::Func(f) => f(x)?,
     };
