@@ -619,8 +619,8 @@ impl Pass for BakeSteering {
             }
             Mode::Ablate { r, layers, embed } => {
                 if *embed {
-                    // In row blocks: project_out works in f64, and a whole 128k-token
-                    // embedding in f64 would be several GB of temporaries.
+                    // In row blocks: project_out works in f64, and the whole embedding of a 128k
+                    // vocabulary in f64 would be several GB of temporaries.
                     let vocab = m.embed.dim(0)?;
                     let blocks = (0..vocab)
                         .step_by(16_384)
