@@ -47,6 +47,13 @@ impl std::str::FromStr for SetSpec {
     }
 }
 
+/// Serialised as written on the command line, `FILE[:FIELD]`.
+impl serde::Serialize for SetSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl std::fmt::Display for SetSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.field {

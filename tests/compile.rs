@@ -267,3 +267,76 @@ fn direction_steps_feed_passes_and_the_steer_budget() {
     common::fails(&mut run("b", &format!("{bi}{}", steer("bi"))), &["verify.steer.direction", "`bi` is a block-influence step"]);
     assert!(!tmp.path().join("out-b").exists());
 }
+
+/// An existing output is refused before anything is loaded: a pipeline whose model does not
+/// exist gets the output error, for `--out` and for `[output] path`, and a locate step with a
+/// bad option is reported before the model is loaded too.
+#[test]
+fn outputs_and_steps_are_checked_before_the_model_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let existing = tmp.path().join("out-x");
+    std::fs::create_dir(&existing).unwrap();
+    let body = "version = 1\n[model]\npath = \"no-such-model.gguf\"\n[output]\npath = \"out-x\"\n";
+    let p = tmp.path().join("x.toml");
+    std::fs::write(&p, body).unwrap();
+    common::fails(common::mechc().arg("compile").arg(&p), &["out-x", "already exists", "--force"]);
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    common::fails(common::mechc().arg("compile").arg(&p).arg("--out").arg(&other), &["other", "already exists"]);
+    // With --force the model is what is missing.
+    common::fails(common::mechc().arg("compile").arg(&p).arg("--force"), &["no-such-model.gguf"]);
+    let step = format!("version = 1\n[model]\npath = \"no-such-model.gguf\"\n[[locate]]\nmethod = \"block-influence\"\ntext = \"{}\"\ntokens = \"many\"\n[output]\npath = \"out-y\"\n", common::shared_data().join("text/tinystories-subset.txt").display());
+    std::fs::write(&p, step).unwrap();
+    common::fails(common::mechc().arg("compile").arg(&p), &["locate[0] (block-influence)", "--tokens", "many"]);
+    assert!(!tmp.path().join("out-y").exists());
+}
+
+/// The library's compile owns the gate: a violated budget is `Failure::Budget` with the
+/// verdict, and nothing is written; within budget it emits, and a dry run writes nothing.
+#[test]
+fn library_compile_writes_nothing_when_a_budget_fails() {
+    use mechc::compile::{compile, pipeline::PipelineFile, Failure, Request};
+    struct Quiet;
+    impl mechc::compile::Observer for Quiet {}
+    let tmp = tempfile::tempdir().unwrap();
+    let p = pipeline(tmp.path(), "lib", "[[pass]]\nname = \"skip-layers\"\nlayers = [2]\n[verify]\nprompts = \"PROMPTS\"\nmax_kl = 0.0");
+    match compile(PipelineFile::load(&p).unwrap(), &Request::default(), &mut Quiet) {
+        Err(Failure::Budget { violations, verdict }) => {
+            assert_eq!(violations.len(), 1, "{violations:?}");
+            assert!(violations[0].contains("max_kl = 0.0"), "{violations:?}");
+            assert!(verdict.metrics["kl_first_mean"] > 0.0, "{:?}", verdict.metrics);
+        }
+        other => panic!("expected a budget failure, got {other:?}"),
+    }
+    assert!(!tmp.path().join("out-lib").exists());
+    let dry = compile(PipelineFile::load(&p).unwrap(), &Request { dry_run: true, ..Default::default() }, &mut Quiet).unwrap();
+    assert!(dry.out.is_none() && dry.verdict.is_none() && dry.records.len() == 1);
+    assert!(!tmp.path().join("out-lib").exists());
+    let p = pipeline(tmp.path(), "lib2", "[[pass]]\nname = \"skip-layers\"\nlayers = [2]\n[verify]\nprompts = \"PROMPTS\"\nmax_kl = 100.0");
+    let done = compile(PipelineFile::load(&p).unwrap(), &Request::default(), &mut Quiet).unwrap();
+    assert_eq!(done.out.as_deref(), Some(tmp.path().join("out-lib2").as_path()));
+    assert!(done.verdict.unwrap().ok());
+    assert_eq!(mechc::io::load(&tmp.path().join("out-lib2"), false).unwrap().model.cfg.num_layers, 4);
+}
+
+/// What a compile prints names inputs as the pipeline gives them, not as resolved paths.
+#[test]
+fn locate_steps_print_their_options_as_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(common::shared_data().join("text/tinystories-subset.txt"), tmp.path().join("calib.txt")).unwrap();
+    let step = "[[locate]]\nid = \"bi\"\nmethod = \"block-influence\"\ntext = \"calib.txt\"\ntokens = 256\nseq_len = 128\n";
+    let p = pipeline(tmp.path(), "said", &format!("{step}[[pass]]\nname = \"skip-layers\"\nselect = {{ by = \"bi\", lowest = 1 }}"));
+    let o = assert_cmd::Command::cargo_bin("mechc")
+        .unwrap()
+        .env("MECHC_CACHE", tmp.path().join("cache"))
+        .args(["compile", "--no-progress", "--dry-run"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("text = \"calib.txt\""), "{err}");
+    let abs = tmp.path().canonicalize().unwrap().join("calib.txt");
+    assert!(!err.contains(&abs.display().to_string()), "resolved paths printed: {err}");
+    assert!(err.contains("dry run") && err.contains("cache"), "{err}");
+}

@@ -110,7 +110,7 @@ pub fn run(a: DiffArgs, g: &Global) -> anyhow::Result<()> {
         "text": text_diff.as_ref().map(|d| json!({"file": a.text, "result": d})),
     });
     if let Some(path) = &a.report {
-        crate::report::write_diff(path, &sides, prompts_diff.as_ref(), text_diff.as_ref())?;
+        crate::verify::report::diff(path, &sides, prompts_diff.as_ref(), text_diff.as_ref())?;
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);

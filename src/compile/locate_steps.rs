@@ -1,38 +1,34 @@
-//! A pipeline's `[[locate]]` steps: each is a `mechc locate METHOD` run on the pipeline's model,
-//! its findings cached by content hash in `$MECHC_CACHE/findings/<key>/` so that a second
-//! compile (or a dry run followed by the real one) reuses them. The key covers the method, its
-//! flags (a file named by a flag counts by its SHA-256, not its path), the model's weights hash
-//! and the mechc version.
+//! A pipeline's `[[locate]]` steps: each runs a method of `locate::REGISTRY` on the pipeline's
+//! model, its findings cached by content hash in `$MECHC_CACHE/findings/<key>/` so that a second
+//! compile (or a dry run followed by the real one) reuses them. The key
+//! ([`crate::locate::cache_key`]) covers the method, its options as parsed (a file they name
+//! counts by its SHA-256, not its path), the model's weights hash and the mechc version.
 //!
 //! ```toml
 //! [[locate]]
 //! id = "bi"                      # what `select = { by = "bi", ... }` refers to (default: method)
 //! method = "block-influence"
-//! text = "../../shared/data/wikitext-2/wiki.train.raw"   # = --text, resolved against this file
+//! text = "../../shared/data/text/wikitext2-test.raw"   # = --text, resolved against this file
 //! tokens = 8192                  # = --tokens 8192
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use clap::Parser;
 use serde::Serialize;
 
-use super::pipeline::{LocateSpec, PipelineFile};
+use super::pipeline::PipelineFile;
 use crate::error::{Error, Result};
-use crate::ir::{findings::sha256_bytes, Findings, Source};
-
-/// Flags the step runner sets itself.
-const RESERVED: [&str; 4] = ["model", "out", "vectors", "force"];
+use crate::ir::{Findings, Source};
 
 /// The findings of one step, and where they are cached.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepFindings {
     pub id: String,
     pub method: String,
-    /// The method's flags as run (after `--model MODEL`), paths resolved.
-    pub args: Vec<String>,
-    /// The cache directory: `findings.json`, and `vectors.safetensors` for `direction`.
+    /// The method's options as parsed (defaults filled in, paths resolved).
+    pub options: serde_json::Value,
+    /// The cache directory: `findings.json`, and `vectors.safetensors` for methods that write vectors.
     pub dir: PathBuf,
     /// SHA-256 of `findings.json`.
     pub sha256: String,
@@ -49,8 +45,9 @@ impl StepFindings {
     pub fn findings_path(&self) -> PathBuf {
         self.dir.join("findings.json")
     }
-    pub fn vectors_path(&self) -> PathBuf {
-        self.dir.join("vectors.safetensors")
+    /// The step's vectors, if its method wrote any.
+    pub fn vectors_path(&self) -> Option<PathBuf> {
+        Some(self.dir.join("vectors.safetensors")).filter(|p| p.is_file())
     }
 }
 
@@ -58,36 +55,72 @@ pub fn cache_root() -> PathBuf {
     crate::io::cache_dir().join("findings")
 }
 
-/// Run (or reuse) every step in order; `say` reports each.
-pub fn run(file: &PipelineFile, model_path: &Path, say: &dyn Fn(String)) -> Result<Vec<StepFindings>> {
-    let steps = &file.pipeline.locate;
-    let mut out: Vec<StepFindings> = vec![];
-    if steps.is_empty() {
-        return Ok(out);
+/// The steps with their options parsed and their cache keys: everything about them that can be
+/// wrong is found here, before any step (or model) runs.
+pub struct Prepared {
+    steps: Vec<Step>,
+}
+
+struct Step {
+    id: String,
+    info: &'static crate::locate::MethodInfo,
+    spec: Box<dyn crate::locate::Locator>,
+    /// The options as the pipeline gives them (paths as written), for messages.
+    given: String,
+}
+
+impl Prepared {
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
     }
-    let model_hash = Source::model(model_path)?.sha256;
-    for (i, spec) in steps.iter().enumerate() {
+}
+
+/// Parse and check every step's options (no model needed).
+pub fn prepare(file: &PipelineFile) -> Result<Prepared> {
+    let base = file.path.parent().unwrap_or(std::path::Path::new("."));
+    let mut steps: Vec<Step> = vec![];
+    for (i, spec) in file.pipeline.locate.iter().enumerate() {
         let field = format!("locate[{i}] ({})", spec.id());
-        if out.iter().any(|s| s.id == spec.id()) {
-            return Err(Error::config(&file.path, field, format!("the id `{}` is used twice (give one step `id = ...`)", spec.id())));
+        let at = |m: String| Error::config(&file.path, &field, m);
+        if steps.iter().any(|s| s.id == spec.id()) {
+            return Err(at(format!("the id `{}` is used twice (give one step `id = ...`)", spec.id())));
         }
-        let (args, keyed) = to_args(file, spec).map_err(|m| Error::config(&file.path, &field, m))?;
-        let key = serde_json::json!({"method": spec.method, "args": keyed, "model": model_hash, "mechc": env!("CARGO_PKG_VERSION")});
-        let dir = cache_root().join(&sha256_bytes(key.to_string().as_bytes())[..32]);
+        let info = crate::locate::find(&spec.method)
+            .ok_or_else(|| at(format!("unknown method `{}` (methods: {})", spec.method, crate::locate::names())))?;
+        if let Some(k) = ["model", "out", "plot", "vectors", "force"].iter().find(|k| spec.args.contains_key(**k)) {
+            return Err(at(format!("`{k}` is set by the pipeline (the model is [model]; findings are cached), remove it")));
+        }
+        let parsed = crate::locate::spec_from_table(info, &spec.args, base).map_err(|e| at(e.to_string()))?;
+        parsed.check().map_err(|e| at(e.to_string()))?;
+        let given = spec.args.iter().map(|(k, v)| format!("{k} = {v}")).collect::<Vec<_>>().join(", ");
+        steps.push(Step { id: spec.id().to_string(), info, spec: parsed, given });
+    }
+    Ok(Prepared { steps })
+}
+
+/// Run (or reuse) every step in order on the loaded model; `say` reports each.
+pub fn run(file: &PipelineFile, prepared: Prepared, loaded: &crate::io::Loaded, model: &Source, progress: bool, say: &dyn Fn(String)) -> Result<Vec<StepFindings>> {
+    let mut out: Vec<StepFindings> = vec![];
+    for (i, Step { id, info, spec, given }) in prepared.steps.into_iter().enumerate() {
+        let field = format!("locate[{i}] ({id})");
+        let key = crate::locate::cache_key(info.name, spec.as_ref(), &model.sha256)?;
+        let dir = cache_root().join(&key[..32]);
         let t = Instant::now();
         let cached = dir.join("findings.json").exists();
         if cached {
-            say(format!("locate {}: cached findings in {}", spec.id(), dir.display()));
+            say(format!("locate {id}: cached findings ({})", info.name));
         } else {
-            say(format!("locate {}: running `mechc locate {} {}` ...", spec.id(), spec.method, args.join(" ")));
-            run_one(spec, model_path, &args, &dir).map_err(|e| Error::config(&file.path, &field, e))?;
+            say(format!("locate {id}: running {} ({given}) ...", info.name));
+            let cx = crate::locate::Ctx { loaded, source: model.clone(), progress, plot: false };
+            let r = spec.run(&cx).map_err(|e| Error::config(&file.path, &field, e.to_string()))?;
+            write_entry(&dir, &r)?;
         }
         let path = dir.join("findings.json");
         let findings = Findings::read(&path)?;
         out.push(StepFindings {
-            id: spec.id().to_string(),
-            method: spec.method.clone(),
-            args,
+            id,
+            method: info.name.to_string(),
+            options: spec.options(),
             sha256: crate::io::sha256_file(&path)?,
             dir,
             cached,
@@ -95,91 +128,23 @@ pub fn run(file: &PipelineFile, model_path: &Path, say: &dyn Fn(String)) -> Resu
             seconds: t.elapsed().as_secs_f64(),
         });
         if !cached {
-            say(format!("locate {}: {} scores in {:.1} s", spec.id(), out[i].findings.scores.len(), out[i].seconds));
+            say(format!("locate {}: {} scores in {:.1} s", out[i].id, out[i].findings.scores.len(), out[i].seconds));
         }
     }
     Ok(out)
 }
 
-/// The step's table as command-line flags, and the same flags with every file replaced by its
-/// SHA-256 (the cache key: independent of paths and the working directory).
-fn to_args(file: &PipelineFile, spec: &LocateSpec) -> std::result::Result<(Vec<String>, Vec<String>), String> {
-    let (mut args, mut keyed) = (vec![], vec![]);
-    let scalar = |k: &str, v: &toml::Value| -> std::result::Result<(String, String), String> {
-        Ok(match v {
-            toml::Value::String(s) => match resolve_file(file, s) {
-                Some((path, field)) => {
-                    let hash = crate::io::sha256_file(&path).map_err(|e| e.to_string())?;
-                    (format!("{}{field}", path.display()), format!("{hash}{field}"))
-                }
-                None => (s.clone(), s.clone()),
-            },
-            toml::Value::Integer(n) => (n.to_string(), n.to_string()),
-            toml::Value::Float(x) => (x.to_string(), x.to_string()),
-            other => return Err(format!("`{k}`: expected a string, number or list of them, got {}", other.type_str())),
-        })
-    };
-    for (k, v) in &spec.args {
-        if RESERVED.contains(&k.as_str()) {
-            return Err(format!("`{k}` is set by the pipeline (the model is [model]; findings are cached), remove it"));
-        }
-        let flag = format!("--{}", k.replace('_', "-"));
-        let value = match v {
-            toml::Value::Boolean(true) => None,
-            toml::Value::Boolean(false) => continue,
-            toml::Value::Array(xs) => {
-                let parts = xs.iter().map(|x| scalar(k, x)).collect::<std::result::Result<Vec<_>, _>>()?;
-                let (a, b): (Vec<String>, Vec<String>) = parts.into_iter().unzip();
-                Some((a.join(","), b.join(",")))
-            }
-            v => Some(scalar(k, v)?),
-        };
-        args.push(flag.clone());
-        keyed.push(flag);
-        if let Some((a, b)) = value {
-            args.push(a);
-            keyed.push(b);
-        }
+/// Write a cache entry into a temporary sibling of `dir`, renamed into place when whole.
+fn write_entry(dir: &std::path::Path, r: &crate::locate::Located) -> Result<()> {
+    let tmp = crate::io::atomic::OutDir::create(dir, true, &[])?;
+    r.findings.write(&tmp.path().join("findings.json"))?;
+    if let Some(v) = &r.vectors {
+        v.write(&tmp.path().join("vectors.safetensors"))?;
     }
-    Ok((args, keyed))
-}
-
-/// A string naming an existing file (optionally `FILE:FIELD`) relative to the pipeline file:
-/// the file (absolute) and the `:FIELD` suffix.
-fn resolve_file(file: &PipelineFile, s: &str) -> Option<(PathBuf, String)> {
-    let abs = |p: PathBuf| p.canonicalize().ok().filter(|p| p.is_file());
-    if let Some(p) = abs(file.resolve(Path::new(s))) {
-        return Some((p, String::new()));
-    }
-    let (head, field) = s.rsplit_once(':')?;
-    abs(file.resolve(Path::new(head))).map(|p| (p, format!(":{field}")))
-}
-
-/// Run `mechc locate` into a temporary sibling of `dir`, renamed into place when done.
-fn run_one(spec: &LocateSpec, model: &Path, args: &[String], dir: &Path) -> std::result::Result<(), String> {
-    let tmp = crate::io::atomic::OutDir::create(dir, true, &[]).map_err(|e| e.to_string())?;
-    let mut argv: Vec<String> = vec!["mechc".into(), "locate".into(), spec.method.clone()];
-    argv.extend(["--model".into(), model.display().to_string()]);
-    argv.extend(["--out".into(), tmp.path().join("findings.json").display().to_string()]);
-    if spec.method == "direction" {
-        argv.extend(["--vectors".into(), tmp.path().join("vectors.safetensors").display().to_string()]);
-    }
-    argv.extend(args.iter().cloned());
-    // Clap's first line says what is wrong (the rest is usage): keep errors one line.
-    let cli = crate::cli::Cli::try_parse_from(&argv).map_err(|e| {
-        let msg = e.render().to_string();
-        let first = msg.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
-        format!("{first} (see `mechc locate {} --help`)", spec.method)
-    })?;
-    let crate::cli::Command::Locate(a) = cli.command else { unreachable!("argv starts with `locate`") };
-    // Quiet (no findings printed: a neuron method has tens of thousands of lines), which also
-    // means no progress bars; the caller says what runs.
-    let g = crate::cli::Global { quiet: true, verbose: 0, no_progress: true };
-    crate::cli::locate::run(a, &g).map_err(|e| format!("{e:#}"))?;
     match tmp.commit() {
         Ok(_) => Ok(()),
         // Another compile cached the same step meanwhile.
         Err(_) if dir.join("findings.json").exists() => Ok(()),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e),
     }
 }

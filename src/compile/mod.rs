@@ -1,8 +1,10 @@
 //! The compiler: a pipeline file → passes over the weights (the structural verifier after each)
 //! → behaviour verification against the source under the `[verify]` budgets → the emitter.
 //!
-//! The stages are separate functions so the CLI can print between them and a failed budget
-//! stops before anything is written.
+//! [`compile`] is the whole compile and owns its one rule: the output is checked before any
+//! work, and a violated budget writes nothing. Its stages ([`Plan::new`], [`Plan::run_passes`],
+//! [`Plan::verify`], [`Plan::emit`]) are public for callers that measure without emitting; an
+//! [`Observer`] sees each stage as it ends (the CLI prints there).
 
 pub mod emit;
 pub mod locate_steps;
@@ -85,11 +87,7 @@ impl Plan {
     pub fn new(file: PipelineFile, out: Option<PathBuf>, force: bool, loaded: &crate::io::Loaded, progress: bool, say: &dyn Fn(String)) -> Result<Plan> {
         let (source, source_dtype) = (&loaded.model, loaded.stored_dtype);
         let p = &file.pipeline;
-        let out = match (out, &p.output.path) {
-            (Some(o), _) => o,
-            (None, Some(o)) => file.resolve(o),
-            (None, None) => return Err(Error::config(&file.path, "output.path", "missing (or pass --out DIR)")),
-        };
+        let out = output_path(&file, out.as_deref())?;
         let dtype = match &p.output.dtype {
             Some(d) => crate::io::st::parse_dtype(d).map_err(|e| Error::config(&file.path, "output.dtype", e.to_string()))?,
             None => source_dtype,
@@ -110,7 +108,13 @@ impl Plan {
             })?;
         }
         let source_path = file.resolve(&p.model.path);
-        let steps = locate_steps::run(&file, &source_path, say)?;
+        let prepared = locate_steps::prepare(&file)?;
+        let steps = if prepared.is_empty() {
+            vec![]
+        } else {
+            let model = crate::ir::Source::model(&source_path)?;
+            locate_steps::run(&file, prepared, loaded, &model, progress, say)?
+        };
         let ir = crate::ir::Ir::from_model(source);
         let (mut built, mut options, mut used) = (vec![], vec![], vec![]);
         for (i, spec) in p.passes.iter().enumerate() {
@@ -300,6 +304,95 @@ impl Plan {
         }
         Ok(out)
     }
+}
+
+/// What [`compile`] is asked to do besides the pipeline file.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// Overrides `[output] path`.
+    pub out: Option<PathBuf>,
+    /// Replace an existing output.
+    pub force: bool,
+    /// Run the passes in memory and stop: nothing verified, nothing written.
+    pub dry_run: bool,
+    /// Whether long work may draw progress bars.
+    pub progress: bool,
+}
+
+/// What a compile tells its caller as it goes. Every method has a default that does nothing.
+pub trait Observer {
+    /// A line for people (what is loaded, located, selected, written).
+    fn say(&self, _line: String) {}
+    /// The source model, before the first pass.
+    fn source(&mut self, _model: &Model) {}
+    /// A pass ran; `model` is the result so far.
+    fn pass(&mut self, _record: &PassRecord, _model: &Model) {}
+    /// The budgets were checked (whether they held or not), before anything is written.
+    fn verified(&mut self, _verdict: &Verdict, _source: &Model, _compiled: &Model, _out: &std::path::Path) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A finished compile.
+#[derive(Debug)]
+pub struct Emitted {
+    /// The directory written; `None` for a dry run.
+    pub out: Option<PathBuf>,
+    /// Where it would have been written (the same as `out` unless a dry run).
+    pub target: PathBuf,
+    pub records: Vec<PassRecord>,
+    pub verdict: Option<Verdict>,
+}
+
+/// Why a compile wrote nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error(transparent)]
+    Error(#[from] Error),
+    /// One line per violated budget, each pointing at its line in the pipeline file.
+    #[error("budget violated, nothing written: {}", .violations.join("; "))]
+    Budget { violations: Vec<String>, verdict: Box<Verdict> },
+}
+
+/// The output a pipeline asks for: `--out`, else `[output] path` (relative to the pipeline file).
+pub fn output_path(file: &PipelineFile, out: Option<&std::path::Path>) -> Result<PathBuf> {
+    match (out, &file.pipeline.output.path) {
+        (Some(o), _) => Ok(o.to_path_buf()),
+        (None, Some(o)) => Ok(file.resolve(o)),
+        (None, None) => Err(Error::config(&file.path, "output.path", "missing (or pass --out DIR)")),
+    }
+}
+
+/// Compile a pipeline: check the output and the steps' options (before anything is loaded),
+/// load the source, locate, run the passes, verify the budgets, emit — or write nothing.
+pub fn compile(file: PipelineFile, req: &Request, obs: &mut dyn Observer) -> std::result::Result<Emitted, Failure> {
+    let target = output_path(&file, req.out.as_deref())?;
+    if !req.dry_run && target.exists() && !req.force {
+        return Err(Error::output(&target, "already exists (pass --force to replace it)").into());
+    }
+    locate_steps::prepare(&file)?;
+    let source_path = file.resolve(&file.pipeline.model.path);
+    let loaded = crate::io::load(&source_path, req.progress)?;
+    obs.say(format!("source {} ({:.2}M parameters)", file.pipeline.model.path.display(), loaded.model.param_count() as f64 / 1e6));
+    let plan = {
+        let say = |s: String| obs.say(s);
+        Plan::new(file, Some(target.clone()), req.force, &loaded, req.progress, &say)?
+    };
+    obs.source(&loaded.model);
+    let (compiled, records) = plan.run_passes(&loaded.model, |r, m| obs.pass(r, m))?;
+    if req.dry_run {
+        return Ok(Emitted { out: None, target, records, verdict: None });
+    }
+    let verdict = plan.verify(&loaded.model, &compiled, loaded.tok()?, req.progress)?;
+    if let Some(v) = &verdict {
+        obs.verified(v, &loaded.model, &compiled, &target)?;
+        let violations = plan.violations(v);
+        if !violations.is_empty() {
+            return Err(Failure::Budget { violations, verdict: Box::new(v.clone()) });
+        }
+    }
+    let out = plan.emit(&compiled, &loaded.dir, &records, verdict.as_ref())?;
+    Ok(Emitted { out: Some(out), target, records, verdict })
 }
 
 /// Hash of the source: the .gguf file, or the directory's config and weight files in name order.

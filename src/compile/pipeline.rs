@@ -200,3 +200,8 @@ mod tests {
         assert!(parse_size("12 parsecs").is_err() && parse_size("-1GB").is_err());
     }
 }
+
+/// A table of the pipeline (a `select = {..}`, say) as a typed struct, errors saying which key is wrong.
+pub fn table_as<T: serde::de::DeserializeOwned>(t: &toml::Table) -> Result<T> {
+    T::deserialize(toml::Value::Table(t.clone())).map_err(|e| Error::invalid(e.message().to_string()))
+}

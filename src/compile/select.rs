@@ -6,7 +6,7 @@
 //!   `per_group = true` within each kv group (heads); `layers = [..]` restricts the candidates;
 //!   `kind = "head"` picks one kind when the findings score several) becomes `layers = [..]`
 //!   (blocks), `heads = ["L3.H2", ..]` (query heads) or `neurons = { "3" = [..] }` (MLP neurons).
-//! - `direction = { by = ID }` (a `direction` step; `layer = L` for that layer's vector instead of
+//! - `direction = { by = ID }` (a step that wrote vectors; `layer = L` for that layer's vector instead of
 //!   the best one) becomes `direction = "<cache>/vectors.safetensors:<tensor>"` (also in
 //!   `[verify.steer]`, through [`direction`]).
 //!
@@ -38,13 +38,7 @@ struct Select {
     layers: Option<Vec<usize>>,
 }
 
-/// `{ by = ID [, layer = L] }`: the vector of a `direction` step (its best layer's by default).
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct FromDirection {
-    pub by: String,
-    pub layer: Option<usize>,
-}
+pub use crate::ir::findings::FromDirection;
 
 /// The options with `select` / `direction = { by }` replaced, and a record of each use.
 pub fn resolve(options: &toml::Table, steps: &[StepFindings], ir: &Ir) -> Result<(toml::Table, Vec<Value>)> {
@@ -54,7 +48,7 @@ pub fn resolve(options: &toml::Table, steps: &[StepFindings], ir: &Ir) -> Result
         let toml::Value::Table(t) = v else {
             return Err(Error::invalid("select: expected a table, e.g. select = { by = \"bi\", lowest = 3 }"));
         };
-        let sel: Select = crate::passes::options(&t).map_err(|e| Error::invalid(format!("select: {e}")))?;
+        let sel: Select = super::pipeline::table_as(&t).map_err(|e| Error::invalid(format!("select: {e}")))?;
         let step = step(steps, &sel.by)?;
         let chosen = choose(&sel, step, ir)?;
         let (key, value) = as_option(&chosen)?;
@@ -68,7 +62,7 @@ pub fn resolve(options: &toml::Table, steps: &[StepFindings], ir: &Ir) -> Result
         }));
     }
     if let Some(toml::Value::Table(t)) = out.get("direction") {
-        let d: FromDirection = crate::passes::options(t).map_err(|e| Error::invalid(format!("direction: {e}")))?;
+        let d: FromDirection = super::pipeline::table_as(t).map_err(|e| Error::invalid(format!("direction: {e}")))?;
         let (path, record) = direction(&d, steps)?;
         out.insert("direction".into(), toml::Value::String(path));
         used.push(record);
@@ -79,9 +73,9 @@ pub fn resolve(options: &toml::Table, steps: &[StepFindings], ir: &Ir) -> Result
 /// The vectors file and tensor (`FILE:TENSOR`) a [`FromDirection`] names, and its record.
 pub fn direction(d: &FromDirection, steps: &[StepFindings]) -> Result<(String, Value)> {
     let step = step(steps, &d.by)?;
-    if step.method != "direction" {
-        return Err(Error::invalid(format!("direction: `{}` is a {} step, not a direction step", step.id, step.method)));
-    }
+    let Some(vectors) = step.vectors_path() else {
+        return Err(Error::invalid(format!("direction: the `{}` step ({}) wrote no vectors (a `direction` step does)", step.id, step.method)));
+    };
     let tensor = match d.layer {
         None => step.findings.summary.get("best_tensor").and_then(Value::as_str).map(str::to_string),
         Some(l) => step
@@ -92,7 +86,7 @@ pub fn direction(d: &FromDirection, steps: &[StepFindings]) -> Result<(String, V
             .and_then(|s| s.extra.get("tensor").and_then(Value::as_str).map(str::to_string)),
     }
     .ok_or_else(|| Error::invalid(format!("direction: the `{}` findings have no vector{}", step.id, d.layer.map_or(String::new(), |l| format!(" at layer {l}")))))?;
-    let path = format!("{}:{tensor}", step.vectors_path().display());
+    let path = format!("{}:{tensor}", vectors.display());
     Ok((path, json!({"option": "direction", "by": step.id, "method": step.method, "findings_sha256": step.sha256, "selected": tensor})))
 }
 
@@ -244,7 +238,7 @@ mod tests {
             }
         }
         f.push(Component::Block(0), f64::NAN);
-        StepFindings { id: "s".into(), method: "m".into(), args: vec![], dir: "d".into(), sha256: "h".into(), cached: false, findings: f, seconds: 0.0 }
+        StepFindings { id: "s".into(), method: "m".into(), options: serde_json::Value::Null, dir: "d".into(), sha256: "h".into(), cached: false, findings: f, seconds: 0.0 }
     }
 
     fn pick(kind: Kind, select: &str) -> Result<toml::Table> {

@@ -67,6 +67,14 @@ impl Source {
     }
 }
 
+/// `{ by = ID [, layer = L] }`: the vector of a `direction` step (its best layer's by default).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FromDirection {
+    pub by: String,
+    pub layer: Option<usize>,
+}
+
 pub fn sha256_bytes(b: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     Sha256::digest(b).iter().map(|b| format!("{b:02x}")).collect()

@@ -170,6 +170,51 @@ pub fn findings(r: &BlockInfluence, options: serde_json::Value, model: Source, d
     f
 }
 
+/// Score every layer by how little it changes the residual stream (ShortGPT's block influence).
+///
+/// BI_l = 1 − mean over tokens of cos(resid_pre_l, resid_post_l). The lowest-BI layers are the
+/// most redundant: candidates for `skip-layers`. With --n K > 1, score blocks of K consecutive
+/// layers by Gromov et al.'s angular distance arccos(cos(x_l, x_l+K)) / π at the last token of each
+/// window (score on L{l} = the block starting at l) and report the best block.
+///
+/// Findings: `L{l}` with score = BI (n = 1) or angular distance (n > 1).
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct Spec {
+    /// Calibration text (plain text, e.g. WikiText-2's wiki.test.raw).
+    #[arg(long)]
+    pub text: std::path::PathBuf,
+    /// Calibration tokens taken from the start of --text (0 = all).
+    #[arg(long, default_value_t = 4096)]
+    pub tokens: usize,
+    /// Window length: the text is cut into disjoint windows of this many tokens.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Layers per block for the angular distance (1 = per-layer BI).
+    #[arg(long, default_value_t = 1)]
+    pub n: usize,
+}
+
+impl super::Method for Spec {
+    fn check(&self) -> Result<()> {
+        super::require_file(&self.text)
+    }
+
+    fn run(&self, cx: &super::Ctx) -> Result<super::Located> {
+        let ids = super::text_ids(cx.tok()?, &self.text, self.tokens)?;
+        let bar = super::bar("windows", cx.progress);
+        let r = block_influence(cx.model(), &ids, Options { seq_len: self.seq_len, n: self.n }, &Hooks::new(), super::tick(&bar))?;
+        bar.finish_and_clear();
+        let options = serde_json::json!({"tokens": r.tokens, "seq_len": self.seq_len, "n": self.n, "windows": r.windows});
+        let mut out = super::Located::new(findings(&r, options, cx.source.clone(), vec![Source::file(&self.text)?]));
+        if cx.plot {
+            let pts = |v: &[f64]| v.iter().enumerate().map(|(l, &y)| (l as f64, y)).collect::<Vec<_>>();
+            let series = vec![("block influence".to_string(), pts(&r.bi)), (format!("angular distance (n = {})", r.n), pts(&r.angular))];
+            out.plot = Some(crate::report::lines_svg(&series, "Block influence per layer (low = redundant)", "layer (block start)", "score")?);
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

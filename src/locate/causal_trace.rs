@@ -475,3 +475,258 @@ fn fact_json(t: &Trace, decode: &impl Fn(u32) -> String) -> serde_json::Value {
         "grids": grids,
     })
 }
+
+/// Causal tracing (ROME): which states restore a fact when the subject is corrupted.
+///
+/// Corrupt the subject's token embeddings with Gaussian noise, then restore one clean state at a
+/// time and measure how much of p(answer) comes back. Each (token position, layer) is restored
+/// for three kinds: the residual stream after the block (`resid`), and the MLP / attention
+/// outputs over a window of layers centred on the layer (`mlp`, `attn`). The answer is the
+/// model's greedy next token on the clean prompt unless --target names one.
+///
+/// Input: --prompt with --subject, or --facts (known_1000 format: `prompt`, `subject`,
+/// `attribute`, `known_id`), of which only the facts the model gets right are traced (greedy
+/// first token = the attribute's first token) unless --include-wrong.
+///
+/// Findings: `L{l}` (resid), `L{l}.mlp`, `L{l}.attn` with score = the indirect effect
+/// p(restored) − p(corrupted) at the last subject token, mean over facts; extra = the same at
+/// each token class (first / middle / last subject token, first subsequent, further, last
+/// token). The summary holds every fact's full tokens × layers grids of p(restored).
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct Spec {
+    /// The prompt (with --subject).
+    #[arg(long, requires = "subject", conflicts_with = "facts")]
+    pub prompt: Option<String>,
+    /// The subject: text in --prompt whose tokens are corrupted (its last occurrence).
+    #[arg(long, requires = "prompt")]
+    pub subject: Option<String>,
+    /// Facts file (JSON list of objects with `prompt`, `subject`, `attribute`, `known_id`),
+    /// e.g. ../shared/data/prompts/facts/known_1000.json.
+    #[arg(long)]
+    pub facts: Option<std::path::PathBuf>,
+    /// Trace only the facts with these `known_id`s (comma-separated).
+    #[arg(long, value_delimiter = ',', requires = "facts")]
+    pub ids: Vec<u64>,
+    /// Trace at most this many facts (after filtering; 0 = all).
+    #[arg(long, default_value_t = 0, requires = "facts")]
+    pub limit: usize,
+    /// Also trace facts whose greedy answer is not the attribute (the answer traced is still the
+    /// model's own greedy token).
+    #[arg(long, requires = "facts")]
+    pub include_wrong: bool,
+    /// Wrap the prompts in the chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// The answer whose probability is traced; its first token counts (mind the leading space:
+    /// " Paris"). Default: the model's greedy next token on the clean prompt.
+    #[arg(long, conflicts_with = "facts")]
+    pub target: Option<String>,
+    /// Kinds of state restored (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = TraceKind::ALL.to_vec())]
+    pub kinds: Vec<TraceKind>,
+    /// Corrupted runs (noise samples), run as one batch.
+    #[arg(long, default_value_t = 10)]
+    pub samples: usize,
+    /// Standard deviation of the noise added to the subject's embeddings. Default: 3× the
+    /// standard deviation of the embedding matrix's entries.
+    #[arg(long)]
+    pub noise: Option<f64>,
+    /// Layers restored together for the mlp and attn kinds (centred on the layer, as ROME).
+    #[arg(long, default_value_t = 10)]
+    pub window: usize,
+    /// Seed of the noise.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// One prompt to trace.
+struct Fact {
+    label: String,
+    ids: Vec<u32>,
+    subject: Range<usize>,
+}
+
+impl super::Method for Spec {
+    fn check(&self) -> Result<()> {
+        if self.prompt.is_none() && self.facts.is_none() {
+            return Err(Error::invalid("give --prompt with --subject, or --facts"));
+        }
+        self.facts.as_deref().map_or(Ok(()), super::require_file)
+    }
+
+    fn run(&self, cx: &super::Ctx) -> Result<super::Located> {
+        let (model, tok) = (cx.model(), cx.tok()?);
+        let noise = match self.noise {
+            Some(n) => n,
+            None => default_noise(model)?,
+        };
+        let opt = Options { samples: self.samples, noise, window: self.window, seed: self.seed, kinds: self.kinds.clone() };
+        let (facts, target, data, skipped) = match (&self.prompt, &self.subject, &self.facts) {
+            (Some(p), Some(s), _) => {
+                let ids = tok.prompt_ids(p, self.chat)?;
+                let subject = subject_range(tok, &ids, s)?;
+                let target = self.target.as_deref().map(|t| super::first_token(tok, "--target", t)).transpose()?;
+                (vec![Fact { label: p.clone(), ids, subject }], target, vec![Source::inline(p)], serde_json::json!({}))
+            }
+            (_, _, Some(path)) => {
+                let (facts, skipped) = self.select_facts(model, tok, path, cx.progress)?;
+                (facts, None, vec![Source::file(path)?], skipped)
+            }
+            _ => return Err(Error::invalid("--prompt needs --subject")),
+        };
+        if facts.is_empty() {
+            return Err(Error::invalid(format!("no facts to trace (skipped: {skipped})")));
+        }
+        let start = std::time::Instant::now();
+        let traces = trace_all(model, &facts, target, &opt, cx.progress)?;
+        let secs = start.elapsed().as_secs_f64();
+        let decode = |id: u32| tok.decode(&[id], false).unwrap_or_else(|_| format!("<{id}>"));
+        let options = serde_json::json!({
+            "samples": self.samples, "noise": noise, "noise_default": self.noise.is_none(), "window": self.window,
+            "seed": self.seed, "kinds": self.kinds.iter().map(|k| k.name()).collect::<Vec<_>>(), "chat": self.chat,
+            "prompt": self.prompt, "subject": self.subject, "target": self.target, "ids": self.ids, "limit": self.limit,
+            "include_wrong": self.include_wrong, "skipped": skipped,
+        });
+        let mut f = findings(&traces, decode, options, cx.source.clone(), data);
+        if let Some(serde_json::Value::Array(list)) = f.summary.get_mut("facts") {
+            for (entry, fact) in list.iter_mut().zip(&facts) {
+                if let Some(o) = entry.as_object_mut() {
+                    o.insert("fact".into(), fact.label.clone().into());
+                }
+            }
+        }
+        let mut out = super::Located::new(f);
+        out.report = format!("traced {} fact(s) in {secs:.1} s ({:.1} s per fact)\n", traces.len(), secs / traces.len() as f64);
+        // The per-fact grids are in the file; the terminal gets the scores.
+        out.hide = &["facts"];
+        if cx.plot {
+            out.plot = Some(if traces.len() == 1 { plot::fact(&traces[0], tok, self.window)? } else { plot::aggregate(&traces, self.window)? });
+        }
+        Ok(out)
+    }
+}
+
+impl Spec {
+    /// The facts of --facts to trace: those asked for by --ids, that the model gets right (unless
+    /// --include-wrong), up to --limit; and the counts of facts passed over, by reason.
+    fn select_facts(&self, model: &Model, tok: &Tok, path: &std::path::Path, progress: bool) -> Result<(Vec<Fact>, serde_json::Value)> {
+        let set = crate::data::RecordSet::load(path, 0)?;
+        let (mut wrong, mut no_subject) = (0usize, 0usize);
+        let mut facts = vec![];
+        let bar = crate::progress::bar(set.records.len() as u64, "facts", progress);
+        for i in 0..set.records.len() {
+            bar.set_position(i as u64);
+            if self.limit > 0 && facts.len() == self.limit {
+                break;
+            }
+            let id = set.records[i].get("known_id").and_then(|v| v.as_u64());
+            if !self.ids.is_empty() && !id.is_some_and(|id| self.ids.contains(&id)) {
+                continue;
+            }
+            let (prompt, subject) = (set.str_field(i, "prompt")?, set.str_field(i, "subject")?);
+            let ids = tok.prompt_ids(prompt, self.chat)?;
+            let Ok(range) = subject_range(tok, &ids, subject) else {
+                no_subject += 1;
+                continue;
+            };
+            if !self.include_wrong {
+                let answer = super::first_token(tok, "attribute", &format!(" {}", set.str_field(i, "attribute")?))?;
+                if greedy(model, &ids)? != answer {
+                    wrong += 1;
+                    continue;
+                }
+            }
+            let label = id.map_or(format!("record {i}"), |id| format!("known_id {id}"));
+            facts.push(Fact { label, ids, subject: range });
+        }
+        bar.finish_and_clear();
+        if !self.ids.is_empty() && facts.is_empty() && wrong + no_subject == 0 {
+            return Err(Error::invalid(format!("{}: no fact has a known_id in --ids {:?}", path.display(), self.ids)));
+        }
+        Ok((facts, serde_json::json!({"wrong_answer": wrong, "subject_not_in_prompt": no_subject})))
+    }
+}
+
+fn trace_all(model: &Model, facts: &[Fact], target: Option<u32>, opt: &Options, progress: bool) -> Result<Vec<Trace>> {
+    let several = facts.len() > 1;
+    let bar = crate::progress::bar(facts.len() as u64, if several { "facts" } else { "positions" }, progress);
+    let mut traces = vec![];
+    for (n, f) in facts.iter().enumerate() {
+        bar.set_message(f.label.clone());
+        let t = causal_trace(model, &f.ids, f.subject.clone(), target, opt, |i, total| {
+            if !several {
+                bar.set_length(total as u64);
+                bar.set_position(i as u64);
+            }
+        })
+        .map_err(|e| Error::invalid(format!("{}: {e}", f.label)))?;
+        if several {
+            bar.set_position(n as u64 + 1);
+        }
+        traces.push(t);
+    }
+    bar.finish_and_clear();
+    Ok(traces)
+}
+
+/// The figures in ROME's style.
+mod plot {
+    use super::{class_effects, Trace, TraceKind, CLASSES};
+    use crate::error::Result;
+    use crate::report::{heatmaps_svg, Heatmap};
+    use crate::tokenizer::Tok;
+
+    /// ROME's colours: purple for the residual stream, green for MLPs, red for attention.
+    fn color(kind: TraceKind) -> plotters::style::RGBColor {
+        match kind {
+            TraceKind::Resid => plotters::style::RGBColor(84, 39, 143),
+            TraceKind::Mlp => plotters::style::RGBColor(0, 109, 44),
+            TraceKind::Attn => plotters::style::RGBColor(165, 15, 21),
+        }
+    }
+
+    fn panel_title(kind: TraceKind, window: usize) -> String {
+        match kind {
+            TraceKind::Resid => "single restored layer".into(),
+            TraceKind::Mlp => format!("restored MLP, window {window}"),
+            TraceKind::Attn => format!("restored attention, window {window}"),
+        }
+    }
+
+    /// One fact: p(answer) per kind, tokens × layers, subject tokens marked `*`.
+    pub fn fact(t: &Trace, tok: &Tok, window: usize) -> Result<String> {
+        let rows: Vec<String> = t
+            .ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| {
+                let s = tok.decode(&[id], false).unwrap_or_else(|_| format!("<{id}>"));
+                if t.subject.contains(&i) { format!("{s}*") } else { s }
+            })
+            .collect();
+        let panels: Vec<Heatmap> = t
+            .grids
+            .iter()
+            .map(|(k, g)| Heatmap { title: panel_title(*k, window), rows: rows.clone(), values: g.clone(), color: color(*k), x_label: "layer".into() })
+            .collect();
+        let answer = tok.decode(&[t.target], false).unwrap_or_default();
+        heatmaps_svg(&panels, &format!("p({answer:?}): clean {:.3}, corrupted {:.3}", t.p_clean, t.p_corrupt))
+    }
+
+    /// Several facts: the mean indirect effect per token class × layer, per kind.
+    pub fn aggregate(traces: &[Trace], window: usize) -> Result<String> {
+        let rows: Vec<String> = CLASSES.iter().map(|c| c.to_string()).collect();
+        let panels: Vec<Heatmap> = traces[0]
+            .grids
+            .iter()
+            .map(|&(k, _)| Heatmap {
+                title: format!("AIE, {}", panel_title(k, window)),
+                rows: rows.clone(),
+                values: class_effects(traces, k).0,
+                color: color(k),
+                x_label: "layer".into(),
+            })
+            .collect();
+        heatmaps_svg(&panels, &format!("Average indirect effect over {} facts", traces.len()))
+    }
+}

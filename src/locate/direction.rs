@@ -42,6 +42,7 @@ use crate::ir::{Component, Findings, Source};
 use crate::model::decoder::Fwd;
 use crate::model::Model;
 use crate::runtime::{Batch, HookPoint, Hooks};
+use crate::data::{SetSpec, TextSet};
 use crate::tokenizer::Tok;
 
 pub const METHOD: &str = "direction";
@@ -226,7 +227,7 @@ pub fn point_activations(
     let lens: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
     let mut done = 0;
     progress(0, examples.len());
-    for chunk in crate::verify::score::length_batches(&lens, batch) {
+    for chunk in crate::runtime::batch::length_batches(&lens, batch) {
         let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| examples[i].ids.clone()).collect();
         let mut hooks = Hooks::new();
         for &p in points {
@@ -587,19 +588,33 @@ pub fn findings(r: &DirectionResult, options: serde_json::Value, model: Source, 
 
 /// Write every layer's vector (f32 [d_model], named by [`tensor_name`]) to a safetensors file,
 /// byte-deterministic, whole or not at all. `metadata` goes to `__metadata__`.
-pub fn write_vectors(path: &Path, r: &DirectionResult, metadata: &BTreeMap<String, String>) -> Result<()> {
-    let tensors = r
-        .layers
-        .iter()
-        .map(|l| Ok((l.site.clone(), Tensor::from_vec(l.vector.clone(), l.vector.len(), &Device::Cpu)?)))
-        .collect::<Result<Vec<_>>>()?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let res = crate::io::st::write(&tmp, &tensors, metadata).and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+/// Steering vectors, one per layer, named by hook site (`blocks.12.hook_resid_pre`), with the
+/// metadata of the safetensors file they are written to.
+pub struct Vectors {
+    pub tensors: Vec<(String, Vec<f32>)>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Vectors {
+    pub fn of(r: &DirectionResult, metadata: BTreeMap<String, String>) -> Vectors {
+        Vectors { tensors: r.layers.iter().map(|l| (l.site.clone(), l.vector.clone())).collect(), metadata }
     }
-    res
+
+    /// Write them as safetensors (to a temporary sibling, renamed into place).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|(name, v)| Ok((name.clone(), Tensor::from_vec(v.clone(), v.len(), &Device::Cpu)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+        let res = crate::io::st::write(&tmp, &tensors, &self.metadata).and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        res
+    }
 }
 
 /// A table of the layers: accuracy (held-out and train), Cohen's d, mean projections, ‖v‖; the
@@ -634,6 +649,235 @@ pub fn table(r: &DirectionResult) -> String {
         );
     }
     s
+}
+
+/// A steering direction per layer from contrastive sets (e.g. the refusal direction).
+///
+/// From positive and negative sets (e.g. harmful vs harmless instructions: the refusal direction
+/// of Arditi et al.), at every layer, each layer scored by how well its direction separates
+/// held-out examples.
+///
+/// Per example the activation at --site is averaged over --positions; the direction is the
+/// difference of the class means (mean-diff, unnormalised) or the first principal component of
+/// the centred paired differences (pca, unit length, sign: most positives project above their
+/// paired negative, as repeng). Separation: projection on the unit direction, threshold = the
+/// midpoint of the train classes' mean projections; accuracy, class means/stds and Cohen's d,
+/// on --val-positive/--val-negative when given, else on the train sets.
+///
+/// Best layer: highest (held-out) accuracy, ties by Cohen's d, then the lower layer; layers in the
+/// last --exclude-last fraction are not candidates (as refusal_direction) unless no other layer
+/// was computed.
+///
+/// Responses mode (--positive-response/--negative-response, e.g. a refusal vs a compliant
+/// opening): every prompt is put in the chat template and followed by a prefilled assistant
+/// response; activations are taken at the response's tokens (--positions all or last). The two
+/// classes share the prompts and differ only in the response: for models that rarely refuse
+/// (SmolLM2), this finds the "now refusing" direction that prompt sets cannot. Separation is
+/// trivially high there (the texts differ): choose the layer by its steering effect.
+///
+/// Outputs: findings (--out; components `d{k}`, one per computed layer, score = accuracy, extras:
+/// layer, tensor, norm, separation numbers; summary: the best layer) and the vectors (--vectors:
+/// safetensors, one f32 [d_model] tensor per layer named by its hook site, e.g.
+/// `blocks.12.hook_resid_pre`). Use them as `bake-steering`'s
+/// `direction = "dirs.safetensors:blocks.12.hook_resid_pre"` or
+/// `mechc eval steer --direction dirs.safetensors:blocks.12.hook_resid_pre`.
+/// A resid_pre direction of layer l lives where block l−1's output is: add it with
+/// `--layer l−1` (eval steer) / `layer = l−1` (bake-steering add).
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct Spec {
+    /// Positive prompts, FILE[:FIELD] (e.g. harmful_train.json:instruction). In responses mode:
+    /// the prompts of both classes (unless --negative is given).
+    #[arg(long)]
+    pub positive: SetSpec,
+    /// Negative prompts, FILE[:FIELD] (e.g. harmless_train.json:instruction). Required unless in
+    /// responses mode.
+    #[arg(long)]
+    pub negative: Option<SetSpec>,
+    /// Held-out positive prompts for scoring the layers (e.g. harmful_val.json:instruction).
+    #[arg(long)]
+    pub val_positive: Option<SetSpec>,
+    /// Held-out negative prompts (e.g. harmless_val.json:instruction). Required with
+    /// --val-positive unless in responses mode (where it defaults to --val-positive).
+    #[arg(long)]
+    pub val_negative: Option<SetSpec>,
+    /// Use the first N prompts of each train set (0 = all).
+    #[arg(long, default_value_t = 128)]
+    pub limit: usize,
+    /// Use the first N prompts of each held-out set (0 = all).
+    #[arg(long, default_value_t = 128)]
+    pub val_limit: usize,
+    /// Wrap prompts in the chat template (user turn + generation prompt). Implied in responses mode.
+    #[arg(long)]
+    pub chat: bool,
+    /// mean-diff: difference of class means; pca: first principal component of paired differences.
+    #[arg(long, value_enum, default_value_t = DirMethod::MeanDiff)]
+    pub method: DirMethod,
+    /// Layers to compute, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<usize>,
+    /// Hook site per layer: resid-pre (blocks.L.hook_resid_pre, as refusal_direction) or resid-post.
+    #[arg(long, value_enum, default_value_t = Site::ResidPre)]
+    pub site: Site,
+    /// Positions averaged per example: last, post-instruction (the chat template's tokens after the
+    /// instruction, as refusal_direction; needs --chat) or all. Default: post-instruction with
+    /// --chat, else last; in responses mode: all (the response's tokens).
+    #[arg(long, value_enum)]
+    pub positions: Option<Positions>,
+    /// Responses mode: an assistant response prefilled after every positive prompt (e.g. "I'm
+    /// sorry, but I can't help with that."). Repeat for several; prompt i gets response i mod n.
+    #[arg(long)]
+    pub positive_response: Vec<String>,
+    /// Responses mode: the response prefilled after every negative prompt (e.g. "Sure, here is").
+    /// Repeatable.
+    #[arg(long)]
+    pub negative_response: Vec<String>,
+    /// Responses mode: positive responses from a file, FILE[:FIELD] (added to --positive-response).
+    #[arg(long)]
+    pub positive_responses: Option<SetSpec>,
+    /// Responses mode: negative responses from a file, FILE[:FIELD] (e.g. the model's own
+    /// compliant answers; added to --negative-response).
+    #[arg(long)]
+    pub negative_responses: Option<SetSpec>,
+    /// Fraction of the last layers that are not candidates for the best layer.
+    #[arg(long, default_value_t = 0.2)]
+    pub exclude_last: f64,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+}
+
+/// A [`Spec`]'s sets, loaded.
+struct Loaded {
+    responses_mode: bool,
+    chat: bool,
+    positions: Positions,
+    pos: TextSet,
+    neg: Option<TextSet>,
+    vpos: Option<TextSet>,
+    vneg: Option<TextSet>,
+    pos_resp: Vec<String>,
+    neg_resp: Vec<String>,
+    data: Vec<Source>,
+}
+
+/// Response texts from the repeated option and an optional file.
+fn responses(inline: &[String], file: Option<&SetSpec>) -> Result<(Vec<String>, Option<TextSet>)> {
+    let mut v = inline.to_vec();
+    let set = file.map(|s| TextSet::load(s, 0)).transpose()?;
+    if let Some(s) = &set {
+        v.extend(s.texts.iter().cloned());
+    }
+    Ok((v, set))
+}
+
+impl Spec {
+    /// Check the options and load the (small) sets.
+    fn load(&self) -> Result<Loaded> {
+        let bad = |m: &str| Err(Error::invalid(m));
+        if self.batch_size == 0 {
+            return bad("--batch-size must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.exclude_last) {
+            return Err(Error::invalid(format!("--exclude-last must be in [0, 1), got {}", self.exclude_last)));
+        }
+        let (pos_resp, pos_resp_set) = responses(&self.positive_response, self.positive_responses.as_ref())?;
+        let (neg_resp, neg_resp_set) = responses(&self.negative_response, self.negative_responses.as_ref())?;
+        let responses_mode = !pos_resp.is_empty() || !neg_resp.is_empty();
+        if responses_mode && (pos_resp.is_empty() || neg_resp.is_empty()) {
+            return bad("responses mode needs both a positive and a negative response (--positive-response and --negative-response, or the files)");
+        }
+        if !responses_mode && self.negative.is_none() {
+            return bad("--negative is required (unless in responses mode, with --positive-response/--negative-response)");
+        }
+        if !responses_mode && self.val_positive.is_some() != self.val_negative.is_some() {
+            return bad("--val-positive and --val-negative go together");
+        }
+        if self.val_positive.is_none() && self.val_negative.is_some() {
+            return bad("--val-negative needs --val-positive");
+        }
+        let chat = self.chat || responses_mode;
+        let positions = self.positions.unwrap_or(if responses_mode {
+            Positions::All
+        } else if chat {
+            Positions::PostInstruction
+        } else {
+            Positions::Last
+        });
+        let pos = TextSet::load(&self.positive, self.limit)?;
+        let neg = self.negative.as_ref().map(|s| TextSet::load(s, self.limit)).transpose()?;
+        let vpos = self.val_positive.as_ref().map(|s| TextSet::load(s, self.val_limit)).transpose()?;
+        let vneg = self.val_negative.as_ref().map(|s| TextSet::load(s, self.val_limit)).transpose()?;
+        let mut data = vec![];
+        for s in [Some(&pos), neg.as_ref(), vpos.as_ref(), vneg.as_ref(), pos_resp_set.as_ref(), neg_resp_set.as_ref()].into_iter().flatten() {
+            data.push(Source { file: Some(s.spec.path.clone()), sha256: s.sha256.clone() });
+        }
+        if responses_mode && (!self.positive_response.is_empty() || !self.negative_response.is_empty()) {
+            let inline = serde_json::to_string(&serde_json::json!([self.positive_response, self.negative_response])).expect("strings serialise");
+            data.push(Source::inline(&inline));
+        }
+        Ok(Loaded { responses_mode, chat, positions, pos, neg, vpos, vneg, pos_resp, neg_resp, data })
+    }
+}
+
+impl super::Method for Spec {
+    fn check(&self) -> Result<()> {
+        self.load().map(|_| ())
+    }
+
+    fn run(&self, cx: &super::Ctx) -> Result<super::Located> {
+        let s = self.load()?;
+        let (model, tok) = (cx.model(), cx.tok()?);
+        let layers = super::layer_list(&self.layers, model.blocks.len())?;
+        let examples = |set: &TextSet, resp: &[String]| -> Result<Vec<Example>> {
+            if s.responses_mode {
+                response_examples(tok, &set.texts, resp, s.positions)
+            } else {
+                prompt_examples(tok, &set.texts, s.chat, s.positions)
+            }
+        };
+        let val = match &s.vpos {
+            Some(vp) => Some((examples(vp, &s.pos_resp)?, examples(s.vneg.as_ref().unwrap_or(vp), &s.neg_resp)?)),
+            None => None,
+        };
+        let sets = Sets { pos: examples(&s.pos, &s.pos_resp)?, neg: examples(s.neg.as_ref().unwrap_or(&s.pos), &s.neg_resp)?, val };
+        let opts = Options { method: self.method, site: self.site, layers: layers.clone(), exclude_last: self.exclude_last, batch: self.batch_size };
+        let bar = super::bar("examples", cx.progress);
+        let r = locate(model, &sets, &opts, super::tick(&bar))?;
+        bar.finish_and_clear();
+        let options = serde_json::json!({
+            "method": self.method,
+            "site": self.site,
+            "positions": s.positions,
+            "layers": layers,
+            "chat": s.chat,
+            "limit": self.limit,
+            "val_limit": self.val_limit,
+            "exclude_last": self.exclude_last,
+            "responses_mode": s.responses_mode,
+            "positive_responses": s.pos_resp,
+            "negative_responses": s.neg_resp,
+            "n_positive": sets.pos.len(),
+            "n_negative": sets.neg.len(),
+            "n_val_positive": sets.val.as_ref().map(|v| v.0.len()),
+            "n_val_negative": sets.val.as_ref().map(|v| v.1.len()),
+        });
+        let name = |v: serde_json::Value| v.as_str().unwrap_or_default().to_string();
+        let metadata: BTreeMap<String, String> = [
+            ("format", "mechc-directions/1".to_string()),
+            ("method", name(serde_json::json!(self.method))),
+            ("site", name(serde_json::json!(self.site))),
+            ("positions", name(serde_json::json!(s.positions))),
+            ("model_sha256", cx.source.sha256.clone()),
+            ("best_tensor", r.best().site.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let mut out = super::Located::new(findings(&r, options, cx.source.clone(), s.data));
+        out.vectors = Some(Vectors::of(&r, metadata));
+        out.report = table(&r);
+        Ok(out)
+    }
 }
 
 #[cfg(test)]

@@ -492,3 +492,126 @@ pub fn ablate_hooks(h: &mut Hooks, m: &Model, unit: Unit, l: usize, units: &[usi
     }
     Ok(())
 }
+
+/// The calibration options head and neuron importance share.
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct CommonSpec {
+    /// Calibration text (plain text, e.g. WikiText-2's wiki.test.raw).
+    #[arg(long)]
+    pub text: std::path::PathBuf,
+    /// Calibration tokens taken from the start of --text, after --skip (0 = all).
+    #[arg(long, default_value_t = 2048)]
+    pub tokens: usize,
+    /// Skip this many tokens at the start of --text first (hold them out, e.g. for the
+    /// perplexity a compile's [verify] measures on the same file).
+    #[arg(long, default_value_t = 0)]
+    pub skip: usize,
+    /// Window length: the text is cut into disjoint windows of this many tokens.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Score only these layers (comma-separated; default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<usize>,
+}
+
+/// Score every query head `L{l}.H{h}` over calibration text; low = least important
+///
+/// The first to prune with `prune-heads`. A head is its slice of `blocks.{l}.attn.hook_z`, i.e.
+/// its d_head input channels of `o_proj`.
+///
+/// --by:
+///   flap           (default) FLAP fluctuation: Σ over the head's channels of the sample variance of
+///                  z over tokens × ‖o_proj column‖²; one forward per window
+///   wanda          structured Wanda: Σ over the head's channels of ‖z_j‖₂ over tokens × Σ_i |o_proj_ij|
+///   gradient       Michel et al. 2019: |∂L/∂ξ_h| for a mask ξ_h = 1 on the head's output (=|Σ_t z·∂L/∂z|),
+///                  per window, averaged, then divided by the layer's L2 norm as Michel et al. do
+///                  (findings keep the unnormalised value as `raw`); one forward + backward per window
+///   ablation-zero  increase of the mean NLL when the head is zeroed; exact, costs about
+///                  heads × (layers − l) extra block passes per layer l and window (SmolLM2: ~140 forwards per window)
+///   ablation-mean  the same, with the head replaced by its calibration mean (prune-heads' compensate = "mean")
+///
+/// Findings: `L{l}.H{h}` with the score; summary: by, windows, tokens (and base_loss for ablations).
+#[derive(clap::Args, Debug, Clone, Serialize)]
+#[command(verbatim_doc_comment)]
+pub struct HeadSpec {
+    /// Ranking method (see above).
+    #[arg(long, value_enum, default_value_t = By::Flap)]
+    pub by: By,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub common: CommonSpec,
+}
+
+/// Score every MLP neuron (e.g. `L3.N17`) over calibration text; low = least important
+///
+/// The first to prune with `prune-neurons`. A neuron is channel n of `blocks.{l}.mlp.hook_post`,
+/// the input of `down_proj`.
+///
+/// --by:
+///   flap           (default, FLAP's choice) sample variance of the neuron over tokens × ‖down_proj[:, n]‖²;
+///                  one forward per window
+///   wanda          structured Wanda: ‖a_n‖₂ over tokens × Σ_i |down_proj[i, n]|
+///   gradient       Taylor / Michel et al.: |Σ_t a_n·∂L/∂a_n| per window (the gradient of a mask on the
+///                  neuron), averaged, divided by the layer's L2 norm (`raw` keeps the value before)
+///   ablation-zero  increase of the mean NLL when the neuron is zeroed. COSTLY: one extra row per
+///                  neuron run from its layer on (SmolLM2: 46k rows per window, hours on a CPU);
+///                  restrict it with --layers
+///   ablation-mean  the same, with the neuron replaced by its calibration mean (FLAP's compensation)
+///
+/// Findings: `L{l}.N{i}` with the score; summary: by, windows, tokens (and base_loss for ablations).
+#[derive(clap::Args, Debug, Clone, Serialize)]
+#[command(verbatim_doc_comment)]
+pub struct NeuronSpec {
+    /// Ranking method (see above).
+    #[arg(long, value_enum, default_value_t = By::Flap)]
+    pub by: By,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub common: CommonSpec,
+}
+
+impl super::Method for HeadSpec {
+    fn check(&self) -> Result<()> {
+        super::require_file(&self.common.text)
+    }
+    fn run(&self, cx: &super::Ctx) -> Result<super::Located> {
+        self.common.run(self.by, Unit::Heads, cx)
+    }
+}
+
+impl super::Method for NeuronSpec {
+    fn check(&self) -> Result<()> {
+        super::require_file(&self.common.text)
+    }
+    fn run(&self, cx: &super::Ctx) -> Result<super::Located> {
+        self.common.run(self.by, Unit::Neurons, cx)
+    }
+}
+
+impl CommonSpec {
+    fn run(&self, by: By, unit: Unit, cx: &super::Ctx) -> Result<super::Located> {
+        let n = cx.model().blocks.len();
+        if let Some(&bad) = self.layers.iter().find(|&&l| l >= n) {
+            return Err(Error::invalid(format!("--layers: layer {bad} does not exist (the model has layers 0..{})", n - 1)));
+        }
+        let want = if self.tokens == 0 { 0 } else { self.skip + self.tokens };
+        let mut ids = super::text_ids(cx.tok()?, &self.text, want)?;
+        if self.skip >= ids.len() {
+            return Err(Error::invalid(format!("--skip {}: the text has only {} tokens", self.skip, ids.len())));
+        }
+        ids.drain(..self.skip);
+        let opt = Options { by, seq_len: self.seq_len, layers: self.layers.clone() };
+        let bar = super::bar(by.name(), cx.progress);
+        let r = importance(cx.model(), &ids, unit, &opt, |stage, i, n| {
+            bar.set_message(stage.to_string());
+            bar.set_length(n as u64);
+            bar.set_position(i as u64);
+        })?;
+        bar.finish_and_clear();
+        let options = serde_json::json!({
+            "by": by.name(), "tokens": r.tokens, "skip": self.skip, "seq_len": self.seq_len,
+            "windows": r.windows, "layers": r.layers,
+        });
+        Ok(super::Located::new(findings(&r, options, cx.source.clone(), vec![Source::file(&self.text)?])))
+    }
+}

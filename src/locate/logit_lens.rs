@@ -130,6 +130,63 @@ pub fn findings(
     f
 }
 
+/// Follow one target token through the layers with the logit lens.
+///
+/// Decode the residual stream after every block through the final norm and the unembedding and
+/// record the target's probability and rank per layer, plus the top tokens. The last layer's row
+/// is the model's own prediction.
+///
+/// Findings: `embed` and `L{l}` with score = the target's probability.
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct Spec {
+    /// The prompt.
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt in the chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// The target text; its first token is followed (mind the leading space: " Paris").
+    #[arg(long)]
+    pub target: String,
+    /// Prompt position to decode (negative counts from the end; -1 = last token).
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub position: i64,
+    /// Top tokens to record per layer.
+    #[arg(long, default_value_t = 5)]
+    pub top_k: usize,
+}
+
+impl super::Method for Spec {
+    fn run(&self, cx: &super::Ctx) -> Result<super::Located> {
+        let tok = cx.tok()?;
+        let ids = tok.prompt_ids(&self.prompt, self.chat)?;
+        if ids.is_empty() {
+            return Err(Error::invalid("--prompt has no tokens"));
+        }
+        let target_ids = tok.encode(&self.target, false)?;
+        let Some(&target) = target_ids.first() else {
+            return Err(Error::invalid(format!("--target {:?} has no tokens", self.target)));
+        };
+        let pos = position(self.position, ids.len())?;
+        let rows = logit_lens(cx.model(), &ids, pos, target, self.top_k)?;
+        let decode = |id: u32| tok.decode(&[id], false).unwrap_or_else(|_| format!("<{id}>"));
+        let options = serde_json::json!({
+            "prompt": self.prompt, "chat": self.chat, "target": self.target, "target_id": target,
+            "target_token": decode(target), "target_tokens": target_ids.len(),
+            "position": pos, "top_k": self.top_k,
+        });
+        let mut report = format!("target {:?} = token {target} {:?} at position {pos} of {}\n", self.target, decode(target), ids.len());
+        report += &format!("{:<8} {:>6} {:>10}  top\n", "layer", "rank", "prob");
+        for r in &rows {
+            let top: Vec<String> = r.top.iter().map(|&(id, p)| format!("{:?} {:.3}", decode(id), p)).collect();
+            report += &format!("{:<8} {:>6} {:>10}  {}\n", r.component.to_string(), r.rank, crate::ir::findings::fmt_score(r.prob), top.join(", "));
+        }
+        let mut out = super::Located::new(findings(&rows, decode, options, cx.source.clone(), vec![Source::inline(&self.prompt)]));
+        out.report = report;
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -307,3 +307,129 @@ pub fn findings(p: &Patching, options: serde_json::Value, model: Source, data: V
     f.summary.insert("grids".into(), grids.into());
     f
 }
+
+/// The prompt pair and metric that `patch` and `attribute` share.
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct PairSpec {
+    /// The clean prompt (its activations are patched in).
+    #[arg(long)]
+    pub clean: String,
+    /// The corrupted prompt (patched; attribution takes its gradient here); must have as many
+    /// tokens as --clean.
+    #[arg(long)]
+    pub corrupted: String,
+    /// Wrap the prompts in the chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// The answer (first token counts; mind the leading space). Default: the greedy next token
+    /// on the clean prompt.
+    #[arg(long)]
+    pub answer: Option<String>,
+    /// The wrong answer of the logit difference. Default: the greedy next token on the
+    /// corrupted prompt.
+    #[arg(long)]
+    pub wrong: Option<String>,
+    /// The metric at the last position.
+    #[arg(long, value_enum, default_value_t = Metric::LogitDiff)]
+    pub metric: Metric,
+}
+
+/// A tokenized [`PairSpec`]: both prompts' ids (equal lengths) and the answer tokens given.
+pub struct Pair {
+    pub clean: Vec<u32>,
+    pub corrupt: Vec<u32>,
+    pub answer: Option<u32>,
+    pub wrong: Option<u32>,
+}
+
+impl PairSpec {
+    /// Tokenize the pair; `method` names what needs equal lengths.
+    pub fn tokenize(&self, tok: &crate::tokenizer::Tok, method: &str) -> Result<Pair> {
+        let clean = tok.prompt_ids(&self.clean, self.chat)?;
+        let corrupt = tok.prompt_ids(&self.corrupted, self.chat)?;
+        if clean.len() != corrupt.len() {
+            return Err(Error::invalid(format!(
+                "--clean has {} tokens and --corrupted {}: {method} needs prompts of the same token length",
+                clean.len(),
+                corrupt.len()
+            )));
+        }
+        let answer = self.answer.as_deref().map(|t| super::first_token(tok, "--answer", t)).transpose()?;
+        let wrong = self.wrong.as_deref().map(|t| super::first_token(tok, "--wrong", t)).transpose()?;
+        Ok(Pair { clean, corrupt, answer, wrong })
+    }
+
+    /// The options a finding records: the pair, and the answer tokens as resolved.
+    pub fn options(&self, tok: &crate::tokenizer::Tok, answer: u32, wrong: Option<u32>) -> serde_json::Value {
+        let decode = |id: u32| tok.decode(&[id], false).unwrap_or_else(|_| format!("<{id}>"));
+        serde_json::json!({
+            "clean": self.clean, "corrupted": self.corrupted, "chat": self.chat, "metric": self.metric,
+            "answer_id": answer, "answer": decode(answer), "wrong_id": wrong, "wrong": wrong.map(decode),
+        })
+    }
+
+    pub fn sources(&self) -> Vec<Source> {
+        vec![Source::inline(&self.clean), Source::inline(&self.corrupted)]
+    }
+}
+
+impl Pair {
+    /// Row labels of a positions × layers plot: the token, or `clean/corrupted` where they differ.
+    pub fn rows(&self, tok: &crate::tokenizer::Tok) -> Vec<String> {
+        let decode = |id: u32| tok.decode(&[id], false).unwrap_or_else(|_| format!("<{id}>"));
+        self.clean.iter().zip(&self.corrupt).map(|(&c, &x)| if c == x { decode(c) } else { format!("{}/{}", decode(c), decode(x)) }).collect()
+    }
+}
+
+/// Activation patching per layer × position (residual, MLP) and per head.
+///
+/// Run a clean and a corrupted prompt of the same token length (e.g. "The Eiffel Tower is in" /
+/// "The Colosseum is in"), patch one clean activation at a time into the corrupted run, and
+/// measure the normalised effect (m_patched − m_corrupt) / (m_clean − m_corrupt) on the metric at
+/// the last position: the logit difference between the answer and the wrong answer, or
+/// p(answer). Sites: the residual stream entering each block and each MLP's output per position,
+/// and each attention head's output (`attn.hook_z`, all positions).
+///
+/// Findings: `L{l}` (resid) and `L{l}.mlp` with score = the largest effect over positions;
+/// `L{l}.H{h}` with score = the head's effect. The summary holds the full grids.
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct Spec {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub pair: PairSpec,
+    /// Sites to patch (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = PatchSite::ALL.to_vec())]
+    pub sites: Vec<PatchSite>,
+}
+
+impl super::Method for Spec {
+    fn run(&self, cx: &super::Ctx) -> Result<super::Located> {
+        let tok = cx.tok()?;
+        let pair = self.pair.tokenize(tok, "activation patching")?;
+        let bar = super::bar("layers", cx.progress);
+        let p = patch(cx.model(), &pair.clean, &pair.corrupt, pair.answer, pair.wrong, self.pair.metric, &self.sites, super::tick(&bar))?;
+        bar.finish_and_clear();
+        let mut options = self.pair.options(tok, p.answer, p.wrong);
+        options["sites"] = serde_json::json!(self.sites.iter().map(|s| s.name()).collect::<Vec<_>>());
+        let mut out = super::Located::new(findings(&p, options, cx.source.clone(), self.pair.sources()));
+        out.hide = &["grids"];
+        if cx.plot {
+            use crate::report::{heatmaps_svg, Heatmap};
+            let rows = pair.rows(tok);
+            let panels: Vec<Heatmap> = p
+                .grids
+                .iter()
+                .map(|(site, grid)| Heatmap {
+                    title: site.name().to_string(),
+                    rows: if *site == PatchSite::Head { (0..grid.len()).map(|h| format!("H{h}")).collect() } else { rows.clone() },
+                    values: grid.clone(),
+                    color: plotters::style::RGBColor(8, 69, 148),
+                    x_label: "layer".into(),
+                })
+                .collect();
+            let title = format!("Activation patching, normalised {:?} (clean {:.3}, corrupted {:.3})", self.pair.metric, p.m_clean, p.m_corrupt);
+            out.plot = Some(heatmaps_svg(&panels, &title)?);
+        }
+        Ok(out)
+    }
+}

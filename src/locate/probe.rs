@@ -28,7 +28,8 @@ use argmin::solver::linesearch::MoreThuenteLineSearch;
 use argmin::solver::quasinewton::LBFGS;
 use serde::Serialize;
 
-use super::direction::{self, Example};
+use super::direction::{self, Example, Positions};
+use crate::data::{SetSpec, TextSet};
 use crate::error::{Error, Result};
 use crate::ir::{Component, Findings, Source};
 use crate::model::Model;
@@ -545,4 +546,161 @@ pub fn table(r: &ProbeResult) -> String {
         );
     }
     s
+}
+
+/// Linear probes per layer (or head), scored by held-out accuracy.
+///
+/// Train logistic-regression probes on labelled sets, one per layer (or per attention head with
+/// --site head), and score each by held-out accuracy: where is the distinction between the
+/// positive and negative examples (e.g. harmful vs harmless instructions) linearly decodable?
+///
+/// Per example the activation at --site is averaged over --positions (the last token by
+/// default). Features are standardised on the train split; the probe minimises the mean log-loss
+/// plus --l2/2·‖w‖² (bias unpenalised) by L-BFGS from zero, in f64 (deterministic). Held-out
+/// examples: --val-positive/--val-negative, else a seeded split of the train sets
+/// (--val-fraction, --seed; each class split on its own).
+///
+/// --shuffle-labels is the control: the train labels are permuted (with --seed) before fitting;
+/// held-out accuracy should then be near chance (0.5 on balanced sets).
+///
+/// Output: findings (--out) with one score per `L{l}` (or `L{l}.H{h}`) = held-out accuracy,
+/// extras: train_accuracy, val_loss, train_loss, iters; summary: the best component (highest
+/// held-out accuracy, ties by lower held-out loss, then the earlier one) and its layer.
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct Spec {
+    /// Positive examples (label 1), FILE[:FIELD] (e.g. harmful_train.json:instruction).
+    #[arg(long)]
+    pub positive: SetSpec,
+    /// Negative examples (label 0), FILE[:FIELD] (e.g. harmless_train.json:instruction).
+    #[arg(long)]
+    pub negative: SetSpec,
+    /// Held-out positive examples (e.g. harmful_val.json:instruction); with --val-negative.
+    /// Without them, --val-fraction of the train sets is held out.
+    #[arg(long)]
+    pub val_positive: Option<SetSpec>,
+    /// Held-out negative examples (e.g. harmless_val.json:instruction); with --val-positive.
+    #[arg(long)]
+    pub val_negative: Option<SetSpec>,
+    /// Without held-out sets: the fraction of each train set held out, in (0, 1).
+    #[arg(long, default_value_t = 0.3)]
+    pub val_fraction: f64,
+    /// Seed of the held-out split and of --shuffle-labels.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Use the first N examples of each train set (0 = all; harmless_train has 18793).
+    #[arg(long, default_value_t = 128)]
+    pub limit: usize,
+    /// Use the first N examples of each held-out set (0 = all; harmless_val has 6264).
+    #[arg(long, default_value_t = 128)]
+    pub val_limit: usize,
+    /// Wrap prompts in the chat template (user turn + generation prompt).
+    #[arg(long)]
+    pub chat: bool,
+    /// Positions averaged per example: last (the last token), post-instruction (the chat
+    /// template's tokens after the instruction; needs --chat) or all.
+    #[arg(long, value_enum, default_value_t = Positions::Last)]
+    pub positions: Positions,
+    /// Features: resid-pre (blocks.L.hook_resid_pre), resid-post (blocks.L.hook_resid_post), or
+    /// head (blocks.L.attn.hook_z, one probe per head on its d_head values).
+    #[arg(long, value_enum, default_value_t = ProbeSite::ResidPre)]
+    pub site: ProbeSite,
+    /// Layers to probe, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<usize>,
+    /// L2 penalty on the standardised weights (the loss is the mean log-loss + l2/2·‖w‖²).
+    #[arg(long, default_value_t = 1e-2)]
+    pub l2: f64,
+    /// L-BFGS iteration cap per probe.
+    #[arg(long, default_value_t = 500)]
+    pub max_iters: u64,
+    /// Control: permute the train labels (with --seed) before fitting.
+    #[arg(long)]
+    pub shuffle_labels: bool,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+}
+
+impl Spec {
+    /// Check the options and load the (small) sets: positive, negative, and the held-out pair.
+    fn load(&self) -> Result<(TextSet, TextSet, Option<(TextSet, TextSet)>)> {
+        if self.batch_size == 0 {
+            return Err(Error::invalid("--batch-size must be at least 1"));
+        }
+        if !(self.l2 > 0.0 && self.l2.is_finite()) {
+            return Err(Error::invalid(format!("--l2 must be positive, got {}", self.l2)));
+        }
+        if self.max_iters == 0 {
+            return Err(Error::invalid("--max-iters must be at least 1"));
+        }
+        let held_out = match (&self.val_positive, &self.val_negative) {
+            (Some(p), Some(n)) => Some((TextSet::load(p, self.val_limit)?, TextSet::load(n, self.val_limit)?)),
+            (None, None) => {
+                check_fraction(self.val_fraction)?;
+                None
+            }
+            _ => return Err(Error::invalid("--val-positive and --val-negative go together")),
+        };
+        if self.positions == Positions::PostInstruction && !self.chat {
+            return Err(Error::invalid("--positions post-instruction needs the chat template (--chat)"));
+        }
+        Ok((TextSet::load(&self.positive, self.limit)?, TextSet::load(&self.negative, self.limit)?, held_out))
+    }
+}
+
+impl super::Method for Spec {
+    fn check(&self) -> Result<()> {
+        self.load().map(|_| ())
+    }
+
+    fn run(&self, cx: &super::Ctx) -> Result<super::Located> {
+        let (pos, neg, held_out) = self.load()?;
+        let data: Vec<Source> = [Some(&pos), Some(&neg), held_out.as_ref().map(|h| &h.0), held_out.as_ref().map(|h| &h.1)]
+            .into_iter()
+            .flatten()
+            .map(|s| Source { file: Some(s.spec.path.clone()), sha256: s.sha256.clone() })
+            .collect();
+        let (model, tok) = (cx.model(), cx.tok()?);
+        let layers = super::layer_list(&self.layers, model.blocks.len())?;
+        let examples = |set: &TextSet| direction::prompt_examples(tok, &set.texts, self.chat, self.positions);
+        let val = match &held_out {
+            Some((p, n)) => Validation::Sets(examples(p)?, examples(n)?),
+            None => Validation::Split { fraction: self.val_fraction, seed: self.seed },
+        };
+        let sets = Sets { pos: examples(&pos)?, neg: examples(&neg)?, val };
+        let opts = Options {
+            site: self.site,
+            layers: layers.clone(),
+            l2: self.l2,
+            max_iters: self.max_iters,
+            shuffle_labels: self.shuffle_labels,
+            seed: self.seed,
+            batch: self.batch_size,
+        };
+        let bar = super::bar("examples", cx.progress);
+        let acts = collect(model, &sets, &opts, super::tick(&bar))?;
+        bar.finish_and_clear();
+        let bar = crate::progress::bar(layers.len() as u64, "layers", cx.progress);
+        let r = fit_all(&acts, &opts, model.cfg.head_dim, |i, _| bar.set_position(i as u64))?;
+        bar.finish_and_clear();
+        let options = serde_json::json!({
+            "site": self.site,
+            "positions": self.positions,
+            "layers": layers,
+            "chat": self.chat,
+            "limit": self.limit,
+            "val_limit": self.val_limit,
+            "held_out": if held_out.is_some() { "sets" } else { "split" },
+            "val_fraction": if held_out.is_some() { None } else { Some(self.val_fraction) },
+            "seed": self.seed,
+            "l2": self.l2,
+            "max_iters": self.max_iters,
+            "shuffle_labels": self.shuffle_labels,
+            "n_positive": sets.pos.len(),
+            "n_negative": sets.neg.len(),
+        });
+        let mut out = super::Located::new(findings(&r, options, cx.source.clone(), data));
+        out.report = table(&r);
+        Ok(out)
+    }
 }

@@ -76,3 +76,10 @@ impl KvCache {
         self.valid.first().map_or(0, Vec::len)
     }
 }
+
+/// Indices of `lens` in chunks of at most `batch`, each chunk holding similar lengths.
+pub fn length_batches(lens: &[usize], batch: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by_key(|&i| (lens[i], i));
+    order.chunks(batch.max(1)).map(|c| c.to_vec()).collect()
+}

@@ -98,7 +98,7 @@ pub struct SteerBudget {
 #[serde(untagged)]
 pub enum DirectionRef {
     File(String),
-    Found(crate::compile::select::FromDirection),
+    Found(crate::ir::findings::FromDirection),
 }
 
 /// Refusal rate on an instruction set, greedy, chat template (see `mechc eval refusal`).

@@ -12,7 +12,7 @@ use candle_core::{DType, IndexOp, Tensor, D};
 use serde::Serialize;
 
 use super::perplexity::windows;
-use super::score::length_batches;
+use crate::runtime::batch::length_batches;
 use crate::error::{Error, Result};
 use crate::model::decoder::Fwd;
 use crate::model::Model;

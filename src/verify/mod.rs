@@ -7,6 +7,7 @@ pub mod diff;
 pub mod edit;
 pub mod perplexity;
 pub mod refusal;
+pub mod report;
 pub mod score;
 pub mod steer;
 pub mod steer_auto;

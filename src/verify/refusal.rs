@@ -168,7 +168,7 @@ pub fn refusal_eval_hooked(
     let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
     let mut done = 0;
     progress(0, prompts.len());
-    for chunk in score::length_batches(&lens, opts.batch) {
+    for chunk in crate::runtime::batch::length_batches(&lens, opts.batch) {
         let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
         let out = generate_batch(model, &seqs, &gen, &mut hooks.clone(), pad)?;
         let mut lps = vec![vec![]; chunk.len()];

@@ -10,14 +10,8 @@ use candle_core::{IndexOp, D};
 use crate::error::{Error, Result};
 use crate::model::decoder::Fwd;
 use crate::model::Model;
+use crate::runtime::batch::length_batches;
 use crate::runtime::{Batch, HookPoint, Hooks};
-
-/// Indices of `lens` in chunks of at most `batch`, each chunk holding similar lengths.
-pub fn length_batches(lens: &[usize], batch: usize) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..lens.len()).collect();
-    order.sort_by_key(|&i| (lens[i], i));
-    order.chunks(batch.max(1)).map(|c| c.to_vec()).collect()
-}
 
 /// Calls `f(i, log_probs)` with the log-softmax of the next-token logits after the whole of
 /// prompt `i`, for every prompt (in an unspecified order). `hooks` apply to every batch.

@@ -72,7 +72,7 @@ pub fn run(a: ChoiceArgs, g: &Global) -> anyhow::Result<()> {
     }
     if let Some(path) = &a.report {
         let mut rep = crate::report::Report::new(&format!("mechc eval choice: {}", a.model.display()));
-        crate::report::eval::choice(&mut rep, &report)?;
+        crate::verify::report::choice(&mut rep, &report)?;
         rep.write(path)?;
     }
     if a.json {

@@ -97,7 +97,7 @@ pub fn run(a: EditArgs, g: &Global) -> anyhow::Result<()> {
     };
     if let Some(path) = &a.report {
         let mut rep = crate::report::Report::new(&format!("mechc eval edit: {}", a.model.display()));
-        crate::report::eval::edit(&mut rep, &report, source.as_ref().map(|(r, d)| (r, d)))?;
+        crate::verify::report::edit(&mut rep, &report, source.as_ref().map(|(r, d)| (r, d)))?;
         rep.write(path)?;
     }
     if a.json {

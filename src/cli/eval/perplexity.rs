@@ -51,7 +51,7 @@ pub fn run(a: PerplexityArgs, g: &Global) -> anyhow::Result<()> {
     bar.finish_and_clear();
     if let Some(path) = &a.report {
         let mut rep = crate::report::Report::new(&format!("mechc eval perplexity: {}", a.model.display()));
-        crate::report::eval::perplexity(&mut rep, &r);
+        crate::verify::report::perplexity(&mut rep, &r);
         rep.write(path)?;
     }
     if a.json {

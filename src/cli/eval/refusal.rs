@@ -137,7 +137,7 @@ pub fn run(a: RefusalArgs, g: &Global) -> anyhow::Result<()> {
         if let Some(b) = &benign {
             sets.push(("harmless", &b.report));
         }
-        crate::report::eval::refusal(&mut rep, &sets, kl.as_ref().map(|(_, k)| &k.report))?;
+        crate::verify::report::refusal(&mut rep, &sets, kl.as_ref().map(|(_, k)| &k.report))?;
         rep.write(path)?;
     }
     if a.json {

@@ -90,7 +90,7 @@ pub fn run(a: SteerArgs, g: &Global) -> anyhow::Result<()> {
     bar.finish_and_clear();
     if let Some(path) = &a.report {
         let mut rep = crate::report::Report::new(&format!("mechc eval steer: {}", a.model.display()));
-        crate::report::eval::steer(&mut rep, &r)?;
+        crate::verify::report::steer(&mut rep, &r)?;
         rep.write(path)?;
     }
     if a.json {

@@ -1,6 +1,10 @@
-//! Report sections of the `eval` tasks (`--report FILE.html`).
+//! HTML reports of verify's results: the `diff` report and the sections of the `eval` tasks
+//! (`--report FILE.html`), drawn with the primitives of `crate::report`.
 
-use super::{histogram_svg, lines_svg, one_line, Report};
+use std::path::Path;
+
+use crate::report::{histogram_svg, lines_svg, one_line, Report};
+use crate::verify::diff::{PromptsDiff, Side, TextDiff};
 use crate::error::Result;
 use crate::verify::choice::ChoiceReport;
 use crate::verify::edit::{EditDelta, EditReport};
@@ -121,4 +125,61 @@ pub fn choice(r: &mut Report, c: &ChoiceReport) -> Result<()> {
     let scores: Vec<f64> = c.rows.iter().map(|x| x.score).collect();
     r.svg(&histogram_svg(&scores, 20, "p(matching) / (p(matching) + p(other)) per item", "score")?);
     Ok(())
+}
+
+/// The `diff` report: both models, the summary tables, the KL histogram and the moved prompts.
+pub fn diff(path: &Path, sides: &[Side; 2], p: Option<&PromptsDiff>, t: Option<&TextDiff>) -> Result<()> {
+    let mut r = Report::new("mechc diff");
+    let rows: Vec<Vec<String>> = ["A", "B"]
+        .iter()
+        .zip(sides)
+        .map(|(n, s)| {
+            vec![
+                n.to_string(),
+                s.path.display().to_string(),
+                s.architecture.clone(),
+                s.layers.to_string(),
+                format!("{:.2}M", s.parameters as f64 / 1e6),
+                format!("{:.1} MB", s.file_bytes as f64 / 1e6),
+            ]
+        })
+        .collect();
+    r.heading("Models").table(&["", "path", "architecture", "layers", "parameters", "weights"], &rows);
+    if let Some(p) = p {
+        r.heading(&format!("Prompts ({} prompts, {} tokens)", p.prompts, p.tokens));
+        let row = |name: &str, s: &crate::verify::diff::PosStats| {
+            vec![name.to_string(), format!("{:.6}", s.kl_mean), format!("{:.6}", s.kl_max), format!("{:.2}%", 100.0 * s.top1_agreement)]
+        };
+        r.table(&["positions", "KL(A‖B) mean", "KL max", "top-1 agreement"], &[row("every position", &p.all), row("first generated token", &p.first)]);
+        let kls: Vec<f64> = p.per_prompt.iter().map(|d| d.kl_first).collect();
+        r.svg(&histogram_svg(&kls, 30, "First-token KL(A‖B) per prompt", "KL (nats)")?);
+        if !p.moved.is_empty() {
+            r.heading("Prompts that moved most");
+            let rows: Vec<Vec<String>> = p
+                .moved
+                .iter()
+                .map(|m| vec![m.index.to_string(), format!("{:.4}", m.kl_first), one_line(&m.prompt, 200), m.continuation_a.clone(), m.continuation_b.clone()])
+                .collect();
+            r.table(&["#", "KL first", "prompt", "A continues", "B continues"], &rows);
+        }
+        r.para(&format!(
+            "{:.1} s; {:.0} tokens/s through both models; model A's forward alone {:.0} tokens/s.",
+            p.timing.total_s, p.timing.tokens_per_s, p.timing.forward_a_tokens_per_s
+        ));
+    }
+    if let Some(t) = t {
+        r.heading(&format!("Text ({} tokens, {} windows of {})", t.tokens, t.windows, t.seq_len));
+        r.table(
+            &["perplexity A", "perplexity B", "B / A", "KL mean", "KL max", "top-1 agreement"],
+            &[vec![
+                format!("{:.4}", t.perplexity_a),
+                format!("{:.4}", t.perplexity_b),
+                format!("{:.4}", t.perplexity_ratio),
+                format!("{:.6}", t.all.kl_mean),
+                format!("{:.6}", t.all.kl_max),
+                format!("{:.2}%", 100.0 * t.all.top1_agreement),
+            ]],
+        );
+    }
+    r.write(path)
 }
