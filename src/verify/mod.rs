@@ -9,4 +9,3 @@ pub mod perplexity;
 pub mod refusal;
 pub mod score;
 pub mod steer;
-pub mod steer_auto;
