@@ -21,55 +21,60 @@ pub const INFO: PassInfo = PassInfo {
     example,
 };
 
-const DOC: &str = "Bake a steering direction into the weights: add it (mode add) or ablate it (mode ablate).
+const DOC: &str = r#"Bake a steering direction into the weights: add it (mode add) or ablate it (mode ablate).
 
 Options:
-  mode = \"add\" | \"ablate\"
-  direction = \"dir.safetensors[:tensor]\"   a 1-D float tensor of d_model values (relative paths
-              resolve against the pipeline file's directory), or inline: direction = [0.1, -0.3, ...]
+  mode = "add" | "ablate"
+  direction = "dir.safetensors[:tensor]"   a 1-D float tensor of d_model values (relative paths
+              resolve against the pipeline file's directory), or { by = ID [, layer = L] }: a
+              [[locate]] direction step's vector (its best layer's, or layer L's), or inline:
+              direction = [0.1, -0.3, ...] (d_model numbers)
   mode add:
     layer = 12          block (0-based) whose output gets c·v at every position
-    coeff = 4.0         the coefficient c, or coeff = \"auto\" with an `auto` table (below)
+    coeff = 4.0         the coefficient c, or coeff = "auto" with an `auto` table (below)
     normalize = true    scale v to unit length first (default true)
-    control_vector = \"steer.gguf\"   also export c·v as a llama.cpp control vector
+    control_vector = "steer.gguf"   also export c·v as a llama.cpp control vector
                         (`direction.{layer}`; llama.cpp cannot steer block 0's output)
   mode ablate:
     layers = [0, 1, ...]  blocks whose o_proj and down_proj are orthogonalised (default: all)
     weights = [1.0, ...]  per-layer strength λ (default 1): W ← (I − λ r rᵀ) W
     embed = true          orthogonalise the embedding too (default true)
 
-  mode add, coeff = \"auto\": the c that maximises a behaviour metric subject to a budget on the
-  mean first-token KL(unsteered ‖ steered) over neutral prompts, searched with the runtime twin
-  (no weight rewrite per candidate), on the model as the pass receives it:
-    auto = { max_kl = 0.5, kl_prompts = \"harmless.json:instruction\", range = [0, 2],
-             metric = \"refusal\", metric_prompts = \"harmful.json:instruction\" }
+  mode add, coeff = "auto": a parameter search (`src/search/coeff.rs`) that the compile driver
+  runs just before this pass, on the model as the pass receives it, and that hands the pass an
+  explicit coeff: the c that maximises a behaviour metric subject to a budget on the mean
+  first-token KL(unsteered ‖ steered) over neutral prompts, every candidate measured with this
+  pass's runtime twin (no weight rewrite per candidate):
+    auto = { max_kl = 0.5, kl_prompts = "harmless.json:instruction", range = [0, 2],
+             metric = "refusal", metric_prompts = "harmful.json:instruction" }
     max_kl = 0.5          budget on the mean first-token KL (nats) over kl_prompts (required)
-    kl_prompts = \"F[:FIELD]\"   neutral prompts for the KL (required)
+    kl_prompts = "F[:FIELD]"   neutral prompts for the KL (required)
     range = [lo, hi]      coefficients searched, one sign (required: the scale depends on
                           normalize); lo is the smallest |c| you would accept
-    metric = \"projection\" | \"target\" | \"refusal\"   what to maximise (default projection):
+    metric = "projection" | "target" | "refusal"   what to maximise (default projection):
                           projection: mean last-token resid_post of the last layer on v̂;
                           target: mean log-prob of the first tokens of `targets`;
                           refusal: refusal-phrase rate of greedy completions (`mechc eval refusal`)
-    metric_prompts = \"F[:FIELD]\"   prompts the metric is measured on (default: kl_prompts;
+    metric_prompts = "F[:FIELD]"   prompts the metric is measured on (default: kl_prompts;
                           required for refusal)
-    control_prompts = \"F[:FIELD]\"  optional: the metric also measured here and reported, not
+    control_prompts = "F[:FIELD]"  optional: the metric also measured here and reported, not
                           optimised (e.g. refusal on harmless prompts: over-refusal)
-    targets = [\" happy\"]  for metric = \"target\"
+    targets = [" happy"]  for metric = "target"
     limit = 20            first N prompts of each set (0 = all)
     chat = true           chat template on every set (default true)
     max_tokens = 32       new tokens per completion (refusal)
     grid = 8              evenly spaced coefficients over range, ends included
     tol = 0.02            the budget's edge is refined to a bracket narrower than tol·|c|
     batch = 8             sequences per forward pass
-    plot = \"curve.svg\"  also write the trade-off curve (KL, metric, control vs c) as an SVG
+    plot = "curve.svg"    also write the trade-off curve (KL, metric, control vs c) as an SVG
   Search: the KL and the metric at every grid point (the whole curve, for the record); if even
   lo breaks the budget the compile fails (nothing written); the KL is close to monotone in |c|,
   so the first grid point over budget and the one before it bracket the budget's edge, which
   Brent's root finder (argmin BrentRoot on KL(c) − max_kl) narrows to tol; the chosen c is the
   in-budget point (grid points before the first violation, and the refined edge) with the
-  highest metric, ties to the smaller |c|. Every evaluated (c, KL, metric) and the chosen c go
-  into the manifest (`passes[i].details`) and are printed.
+  highest metric, ties to the smaller |c|. Every trial (c, KL, metric, control) and the chosen c
+  go into the manifest (`passes[i].search`, with `passes[i].options.coeff` the chosen c) and are
+  printed as a table under the pass's line.
 
 add: layers[layer].mlp.down_proj.bias += c·v. Llama only: the config gets mlp_bias = true, so
 HF creates gate/up/down biases in every layer; the others are written as zeros. Qwen2 is refused:
@@ -81,7 +86,40 @@ unembedding is left alone; a tied embedding is therefore untied (lm_head keeps t
 
 Runtime twin: add: add c·v at blocks.{layer}.hook_resid_post at every position. ablate: project
 r out (x ← x − λ (x·r) r) at hook_embed and at each chosen block's hook_attn_out and
-hook_mlp_out. Both exact up to float rounding.";
+hook_mlp_out. Both exact up to float rounding.
+
+Example (ablate a [[locate]] step's refusal direction everywhere):
+    [[pass]]
+    name = "bake-steering"
+    mode = "ablate"
+    direction = { by = "refusal" }
+
+Example (ablate a direction from a file in layers 10-14, half strength at the ends):
+    [[pass]]
+    name = "bake-steering"
+    mode = "ablate"
+    direction = "refusal_dir.safetensors:v"
+    layers = [10, 11, 12, 13, 14]
+    weights = [0.5, 1.0, 1.0, 1.0, 0.5]
+
+Example (add an inline vector of d_model numbers after block 1, 4 times its unit length):
+    [[pass]]
+    name = "bake-steering"
+    mode = "add"
+    direction = [0.12, -0.05, 0.31, 0.0]
+    layer = 1
+    coeff = 4.0
+
+Example (add layer 9's happiness vector after block 8, coeff searched under a KL budget):
+    [[pass]]
+    name = "bake-steering"
+    mode = "add"
+    direction = { by = "happiness", layer = 9 }
+    layer = 8
+    normalize = false
+    coeff = "auto"
+    auto = { max_kl = 0.3, range = [0.0, 12.0], grid = 7, kl_prompts = "harmless.json:instruction", metric = "projection", metric_prompts = "happy_sad.json" }"#;
+
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,87 +133,6 @@ struct Opts {
     layers: Option<Vec<usize>>,
     weights: Option<Vec<f64>>,
     embed: Option<bool>,
-    auto: Option<AutoOpts>,
-}
-
-fn d_limit() -> usize {
-    20
-}
-fn d_grid() -> usize {
-    8
-}
-fn d_tol() -> f64 {
-    0.02
-}
-fn d_batch() -> usize {
-    8
-}
-fn d_max_tokens() -> usize {
-    32
-}
-fn yes() -> bool {
-    true
-}
-
-/// The `auto` table of `coeff = "auto"` (see [`DOC`]).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AutoOpts {
-    max_kl: f64,
-    kl_prompts: String,
-    range: [f64; 2],
-    #[serde(default)]
-    metric: Option<String>,
-    metric_prompts: Option<String>,
-    control_prompts: Option<String>,
-    #[serde(default)]
-    targets: Vec<String>,
-    #[serde(default = "d_limit")]
-    limit: usize,
-    #[serde(default = "yes")]
-    chat: bool,
-    #[serde(default = "d_max_tokens")]
-    max_tokens: usize,
-    #[serde(default = "d_grid")]
-    grid: usize,
-    #[serde(default = "d_tol")]
-    tol: f64,
-    #[serde(default = "d_batch")]
-    batch: usize,
-    plot: Option<String>,
-}
-
-/// What `auto` maximises, with its prompts ready.
-enum AutoMetric {
-    Projection { prompts: Vec<Vec<u32>>, control: Option<Vec<Vec<u32>>> },
-    Target { prompts: Vec<Vec<u32>>, control: Option<Vec<Vec<u32>>>, targets: Vec<u32> },
-    Refusal { tok: crate::tokenizer::Tok, prompts: Vec<String>, control: Option<Vec<String>>, opts: crate::verify::refusal::RefusalOpts },
-}
-
-impl AutoMetric {
-    fn name(&self) -> &'static str {
-        match self {
-            AutoMetric::Projection { .. } => "projection",
-            AutoMetric::Target { .. } => "target_logprob",
-            AutoMetric::Refusal { .. } => "refusal_rate",
-        }
-    }
-}
-
-/// A built `coeff = "auto"`: the search and, once run, its result.
-struct Auto {
-    spec: crate::verify::steer_auto::SearchSpec,
-    kl_prompts: Vec<Vec<u32>>,
-    metric: AutoMetric,
-    batch: usize,
-    plot: Option<std::path::PathBuf>,
-    progress: bool,
-    done: std::sync::OnceLock<crate::verify::steer_auto::AutoResult>,
-}
-
-enum Coeff {
-    Fixed(f64),
-    Auto(Box<Auto>),
 }
 
 enum Mode {
@@ -183,7 +140,7 @@ enum Mode {
     Add {
         layer: usize,
         v: Tensor,
-        coeff: Coeff,
+        coeff: f64,
         control_vector: Option<std::path::PathBuf>,
     },
     /// Unit `r`; (block, λ) pairs sorted by block.
@@ -204,7 +161,7 @@ fn invalid(m: impl Into<String>) -> Error {
 }
 
 /// The direction from a file spec or an inline array, as f32 [d_model].
-fn direction(v: &toml::Value, d: usize, cx: &BuildCtx) -> Result<Tensor> {
+pub fn direction(v: &toml::Value, d: usize, cx: &BuildCtx) -> Result<Tensor> {
     match v {
         toml::Value::String(s) => {
             let mut spec = SetSpec::parse(s);
@@ -244,12 +201,29 @@ fn direction(v: &toml::Value, d: usize, cx: &BuildCtx) -> Result<Tensor> {
     }
 }
 
-fn unit(v: &Tensor) -> Result<Tensor> {
+pub fn unit(v: &Tensor) -> Result<Tensor> {
     let n = v.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
     if !(n > 0.0 && n.is_finite()) {
         return Err(invalid("`direction` has no usable length"));
     }
     Ok((v / n as f64)?)
+}
+
+/// The vector mode add adds per unit of `coeff`: the direction, unit length if `normalize`
+/// (default true). For searches over `coeff` (the `projection` metric projects on it).
+pub fn steering_vector(options: &toml::Table, cx: &BuildCtx) -> Result<Tensor> {
+    let dir = options.get("direction").ok_or_else(|| invalid("missing field `direction`"))?;
+    let normalize = match options.get("normalize") {
+        None => true,
+        Some(toml::Value::Boolean(b)) => *b,
+        Some(other) => return Err(invalid(format!("`normalize` must be true or false, found {other}"))),
+    };
+    vector(dir, normalize, cx)
+}
+
+fn vector(dir: &toml::Value, normalize: bool, cx: &BuildCtx) -> Result<Tensor> {
+    let v = direction(dir, cx.source.cfg.hidden_size, cx)?;
+    if normalize { unit(&v) } else { Ok(v) }
 }
 
 fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
@@ -287,30 +261,21 @@ fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
                     n - 1
                 )));
             }
-            let has_auto = o.auto.is_some();
             let coeff = match &o.coeff {
                 None => return Err(invalid("mode = \"add\" needs `coeff` (a number, or \"auto\" with an `auto` table)")),
-                Some(toml::Value::Float(c)) => Coeff::Fixed(*c),
-                Some(toml::Value::Integer(c)) => Coeff::Fixed(*c as f64),
-                Some(toml::Value::String(s)) if s == "auto" => match o.auto {
-                    Some(a) => Coeff::Auto(Box::new(build_auto(a, cx)?)),
-                    None => {
-                        return Err(invalid(
-                            "`coeff = \"auto\"` needs an `auto` table, e.g. auto = { max_kl = 0.5, kl_prompts = \"harmless.json:instruction\", range = [0, 4] }",
-                        ))
-                    }
-                },
+                Some(toml::Value::Float(c)) => *c,
+                Some(toml::Value::Integer(c)) => *c as f64,
+                Some(toml::Value::String(s)) if s == "auto" => {
+                    return Err(invalid(
+                        "`coeff = \"auto\"` is a search the compile driver runs before the pass is built (`mechc::search`; a pipeline's [[pass]] with an `auto` table)",
+                    ))
+                }
                 Some(other) => return Err(invalid(format!("`coeff` must be a number or \"auto\", found {other}"))),
             };
-            match &coeff {
-                Coeff::Fixed(c) if !c.is_finite() => return Err(invalid("`coeff` must be finite")),
-                Coeff::Fixed(_) if has_auto => {
-                    return Err(invalid("`auto` applies only with coeff = \"auto\""))
-                }
-                _ => {}
+            if !coeff.is_finite() {
+                return Err(invalid("`coeff` must be finite"));
             }
-            let v = direction(&o.direction, d, cx)?;
-            let v = if o.normalize.unwrap_or(true) { unit(&v)? } else { v };
+            let v = vector(&o.direction, o.normalize.unwrap_or(true), cx)?;
             let control_vector = match &o.control_vector {
                 Some(p) if layer == 0 => {
                     return Err(invalid(format!(
@@ -334,7 +299,6 @@ fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
                     ("coeff", o.coeff.is_some()),
                     ("normalize", o.normalize.is_some()),
                     ("control_vector", o.control_vector.is_some()),
-                    ("auto", o.auto.is_some()),
                 ],
                 "ablate",
             )?;
@@ -374,150 +338,6 @@ fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
         other => return Err(invalid(format!("unknown `mode` = \"{other}\" (modes: add, ablate)"))),
     };
     Ok(Box::new(BakeSteering { mode, arch: m.cfg.arch }))
-}
-
-/// Check `auto`'s options and load its prompt sets (small; before anything heavy runs).
-fn build_auto(a: AutoOpts, cx: &BuildCtx) -> Result<Auto> {
-    use crate::verify::steer_auto::SearchSpec;
-    let spec = SearchSpec { max_kl: a.max_kl, range: (a.range[0], a.range[1]), grid: a.grid, tol: a.tol };
-    spec.validate()?;
-    if a.batch == 0 {
-        return Err(invalid("`auto.batch` must be at least 1"));
-    }
-    let tok = cx.tok.ok_or_else(|| invalid("coeff = \"auto\" needs the model's tokenizer (tokenizer.json) to read its prompts"))?;
-    let load = |key: &str, s: &str| -> Result<Vec<String>> {
-        let mut spec = SetSpec::parse(s);
-        spec.path = cx.path(&spec.path.to_string_lossy());
-        let set = crate::data::TextSet::load(&spec, a.limit).map_err(|e| invalid(format!("`auto.{key}`: {e}")))?;
-        if set.texts.is_empty() {
-            return Err(invalid(format!("`auto.{key}`: no prompts in {spec}")));
-        }
-        Ok(set.texts)
-    };
-    let ids = |texts: &[String]| tok.prompts_ids(texts, a.chat);
-    let kl_texts = load("kl_prompts", &a.kl_prompts)?;
-    let metric_texts = match &a.metric_prompts {
-        Some(p) => load("metric_prompts", p)?,
-        None => kl_texts.clone(),
-    };
-    let control = a.control_prompts.as_deref().map(|p| load("control_prompts", p)).transpose()?;
-    let metric = match a.metric.as_deref().unwrap_or("projection") {
-        "projection" => AutoMetric::Projection { prompts: ids(&metric_texts)?, control: control.as_deref().map(ids).transpose()? },
-        "target" => {
-            if a.targets.is_empty() {
-                return Err(invalid("`auto.metric` = \"target\" needs `auto.targets` (e.g. [\" happy\"])"));
-            }
-            let targets = crate::verify::steer::target_tokens(tok, &a.targets)?.into_iter().map(|t| t.token_id).collect();
-            AutoMetric::Target { prompts: ids(&metric_texts)?, control: control.as_deref().map(ids).transpose()?, targets }
-        }
-        "refusal" => {
-            if a.metric_prompts.is_none() {
-                return Err(invalid("`auto.metric` = \"refusal\" needs `auto.metric_prompts` (e.g. harmful instructions)"));
-            }
-            if a.max_tokens == 0 {
-                return Err(invalid("`auto.max_tokens` must be at least 1"));
-            }
-            let opts = crate::verify::refusal::RefusalOpts { max_tokens: a.max_tokens, batch: a.batch, chat: a.chat, ..Default::default() };
-            AutoMetric::Refusal { tok: tok.clone(), prompts: metric_texts, control, opts }
-        }
-        other => return Err(invalid(format!("unknown `auto.metric` = \"{other}\" (metrics: projection, target, refusal)"))),
-    };
-    if a.metric.as_deref() != Some("target") && !a.targets.is_empty() {
-        return Err(invalid("`auto.targets` applies only to metric = \"target\""));
-    }
-    Ok(Auto {
-        spec,
-        kl_prompts: ids(&kl_texts)?,
-        metric,
-        batch: a.batch,
-        plot: a.plot.as_deref().map(|p| cx.path(p)),
-        progress: cx.progress,
-        done: std::sync::OnceLock::new(),
-    })
-}
-
-impl Auto {
-    /// The search's result, computed once, on the first model asked about (the model this pass
-    /// rewrites in a compile, or the source for its twin).
-    fn result(&self, model: &Model, layer: usize, v: &Tensor) -> Result<&crate::verify::steer_auto::AutoResult> {
-        use crate::verify::steer_auto as sa;
-        if let Some(r) = self.done.get() {
-            return Ok(r);
-        }
-        let bar = crate::progress::bar(0, "auto coeff", self.progress);
-        let mut kl = sa::kl_fn(model, layer, v, &self.kl_prompts, self.batch);
-        let mut evals = 0u64;
-        let mut kl = |c: f64| {
-            evals += 1;
-            bar.set_message(format!("KL at c = {c:.4}"));
-            bar.set_position(evals);
-            kl(c)
-        };
-        let b = self.batch;
-        let mut metric = |c: f64| -> Result<(f64, Option<f64>)> {
-            bar.set_message(format!("{} at c = {c:.4}", self.metric.name()));
-            match &self.metric {
-                AutoMetric::Projection { prompts, control } => Ok((
-                    sa::projection(model, layer, v, prompts, b, c)?,
-                    control.as_ref().map(|p| sa::projection(model, layer, v, p, b, c)).transpose()?,
-                )),
-                AutoMetric::Target { prompts, control, targets } => Ok((
-                    sa::target_logprob(model, layer, v, prompts, targets, b, c)?,
-                    control.as_ref().map(|p| sa::target_logprob(model, layer, v, p, targets, b, c)).transpose()?,
-                )),
-                AutoMetric::Refusal { tok, prompts, control, opts } => {
-                    let h = sa::steer_hooks(layer, v, c)?;
-                    let rate = |p: &[String]| -> Result<f64> {
-                        Ok(crate::verify::refusal::refusal_eval_hooked(model, tok, p, opts, &h, |_, _| {})?.rate)
-                    };
-                    Ok((rate(prompts)?, control.as_deref().map(rate).transpose()?))
-                }
-            }
-        };
-        let r = sa::search(&self.spec, &mut kl, &mut metric, self.kl_prompts.len())?;
-        bar.finish_and_clear();
-        Ok(self.done.get_or_init(|| r))
-    }
-
-    fn details(&self) -> Option<serde_json::Value> {
-        let r = self.done.get()?;
-        let (lo, hi) = self.spec.range;
-        Some(serde_json::json!({
-            "auto": {
-                "coeff": r.coeff,
-                "kl_mean": r.kl_mean,
-                "kl_max": r.kl_max,
-                "metric": self.metric.name(),
-                "metric_value": r.metric,
-                "control_value": r.control,
-                "max_kl": r.max_kl,
-                "kl_prompts": self.kl_prompts.len(),
-                "range": [lo, hi],
-                "grid": self.spec.grid,
-                "tol": self.spec.tol,
-                "bracket": r.bracket,
-                "points": r.points,
-            }
-        }))
-    }
-
-    fn plot_svg(&self) -> Result<String> {
-        let r = self.done.get().ok_or_else(|| invalid("the auto coefficient was not searched yet"))?;
-        let mut pts = r.points.clone();
-        pts.sort_by(|a, b| a.coeff.total_cmp(&b.coeff));
-        let series = |f: &dyn Fn(&crate::verify::steer_auto::AutoPoint) -> Option<f64>| -> Vec<(f64, f64)> {
-            pts.iter().filter_map(|p| f(p).map(|y| (p.coeff, y))).collect()
-        };
-        let name = self.metric.name();
-        let mut s = vec![(format!("{name} (metric prompts)"), series(&|p| p.metric))];
-        if r.points.iter().any(|p| p.control.is_some()) {
-            s.push((format!("{name} (control prompts)"), series(&|p| p.control)));
-        }
-        s.push(("first-token KL, mean (nats)".to_string(), series(&|p| Some(p.kl_mean))));
-        let (x0, x1) = (pts[0].coeff, pts[pts.len() - 1].coeff);
-        s.push((format!("KL budget {}", r.max_kl), vec![(x0, r.max_kl), (x1, r.max_kl)]));
-        crate::report::lines_svg(&s, &format!("coeff = auto: chosen c = {:.4}", r.coeff), "steering coefficient c", "")
-    }
 }
 
 fn example(m: &Model, seed: u64) -> Option<toml::Table> {
@@ -576,7 +396,7 @@ impl Pass for BakeSteering {
     fn run(&self, m: &mut Model) -> Result<String> {
         match &self.mode {
             Mode::Add { layer, v, coeff, .. } => {
-                let v = &self.scaled(m, *layer, v, coeff)?;
+                let v = &(v * *coeff)?;
                 let mut added = false;
                 if !m.cfg.mlp_bias {
                     for b in m.blocks.iter_mut() {
@@ -592,24 +412,8 @@ impl Pass for BakeSteering {
                 let b = down.b.as_ref().expect("mlp_bias set above");
                 down.b = Some((b + v.to_dtype(b.dtype())?)?);
                 let norm = v.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
-                let auto = match coeff {
-                    Coeff::Auto(a) => {
-                        let r = a.done.get().expect("searched by scaled()");
-                        format!(
-                            "coeff = auto → c = {:.4} ({} = {:.4}, first-token KL {:.4} ≤ {} over {} prompts, {} evaluations); ",
-                            r.coeff,
-                            a.metric.name(),
-                            r.metric,
-                            r.kl_mean,
-                            r.max_kl,
-                            a.kl_prompts.len(),
-                            r.points.len()
-                        )
-                    }
-                    Coeff::Fixed(_) => String::new(),
-                };
                 Ok(format!(
-                    "{auto}added a vector of norm {norm:.4} to layers[{layer}].mlp.down_proj.bias{}",
+                    "added a vector of norm {norm:.4} to layers[{layer}].mlp.down_proj.bias{}",
                     if added {
                         " (mlp_bias turned on: zero gate/up/down biases in every other layer)"
                     } else {
@@ -660,7 +464,7 @@ impl Pass for BakeSteering {
         let mut h = Hooks::new();
         match &self.mode {
             Mode::Add { layer, v, coeff, .. } => {
-                h.intervene(HookPoint::ResidPost(*layer), Op::Add(self.scaled(source, *layer, v, coeff)?));
+                h.intervene(HookPoint::ResidPost(*layer), Op::Add((v * *coeff)?));
             }
             Mode::Ablate { r, layers, embed } => {
                 let op = |lambda: f64| -> Op {
@@ -688,53 +492,14 @@ impl Pass for BakeSteering {
 
     fn side_files(&self) -> Result<Vec<(std::path::PathBuf, Vec<u8>)>> {
         let mut out = vec![];
-        if let Mode::Add { layer, v, coeff, control_vector } = &self.mode {
-            let c = match coeff {
-                Coeff::Fixed(c) => *c,
-                Coeff::Auto(a) => a.done.get().ok_or_else(|| invalid("the auto coefficient was not searched yet"))?.coeff,
-            };
-            if let Some(path) = control_vector {
-                let dirs = [Direction {
-                    block: *layer,
-                    values: (v * c)?.to_vec1::<f32>()?,
-                }];
-                out.push((path.clone(), control_vector::to_bytes(self.arch.name(), &dirs)?));
-            }
-            if let Coeff::Auto(a) = coeff {
-                if let Some(p) = &a.plot {
-                    out.push((p.clone(), a.plot_svg()?.into_bytes()));
-                }
-            }
+        if let Mode::Add { layer, v, coeff, control_vector: Some(path) } = &self.mode {
+            let dirs = [Direction {
+                block: *layer,
+                values: (v * *coeff)?.to_vec1::<f32>()?,
+            }];
+            out.push((path.clone(), control_vector::to_bytes(self.arch.name(), &dirs)?));
         }
         Ok(out)
-    }
-
-    fn details(&self) -> Option<serde_json::Value> {
-        match &self.mode {
-            Mode::Add { coeff: Coeff::Auto(a), .. } => a.details(),
-            _ => None,
-        }
-    }
-
-    fn details_text(&self) -> Option<String> {
-        match &self.mode {
-            Mode::Add { coeff: Coeff::Auto(a), .. } => {
-                let r = a.done.get()?;
-                Some(crate::verify::steer_auto::table(r, a.metric.name()))
-            }
-            _ => None,
-        }
-    }
-}
-
-impl BakeSteering {
-    /// c·v for mode add: c fixed, or searched (once) on `model`.
-    fn scaled(&self, model: &Model, layer: usize, v: &Tensor, coeff: &Coeff) -> Result<Tensor> {
-        let c = match coeff {
-            Coeff::Fixed(c) => *c,
-            Coeff::Auto(a) => a.result(model, layer, v)?.coeff,
-        };
-        Ok((v * c)?)
     }
 }
 
@@ -757,11 +522,29 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// As the compile driver builds a pass: `coeff = "auto"` resolved by `search::extract`
+    /// (which checks the `auto` table), the pass built with the search's placeholder.
     fn err(m: &Model, s: &str) -> String {
-        match build(&table(s), &BuildCtx::new(m)) {
+        let (t, cx) = (table(s), BuildCtx::new(m));
+        let r = crate::search::extract("bake-steering", &t, &cx).and_then(|found| match found {
+            Some(search) => build(&search.placeholder_options(), &cx).map(|_| ()),
+            None => build(&t, &cx).map(|_| ()),
+        });
+        match r {
             Ok(_) => panic!("{s} should fail"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn auto_reaching_the_pass_points_at_the_search() {
+        let m = model(Arch::Llama);
+        let dir = format!("[{}]", vec!["0.5"; m.cfg.hidden_size].join(", "));
+        let e = match build(&table(&format!("mode = \"add\"\ndirection = {dir}\nlayer = 0\ncoeff = \"auto\"")), &BuildCtx::new(&m)) {
+            Ok(_) => panic!("coeff = \"auto\" built without its search"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("compile driver") && e.contains("mechc::search"), "{e}");
     }
 
     #[test]

@@ -29,15 +29,6 @@ pub trait Pass {
     fn side_files(&self) -> Result<Vec<(std::path::PathBuf, Vec<u8>)>> {
         Ok(vec![])
     }
-    /// Structured results beyond the summary line (e.g. every point a coefficient search
-    /// evaluated), recorded in the manifest as `passes[i].details`; asked after `run`.
-    fn details(&self) -> Option<serde_json::Value> {
-        None
-    }
-    /// The same for people: printed (indented) under the pass's summary line.
-    fn details_text(&self) -> Option<String> {
-        None
-    }
 }
 
 /// A registry entry.

@@ -3,7 +3,8 @@
 //! Layers, from the bottom: [`io`] reads and writes checkpoints (HF directories, GGUF import);
 //! [`model`] holds the architectures and the decoder forward; [`runtime`] adds hook sites,
 //! interventions, batching, the KV cache and generation; [`cli`] is one file per subcommand.
-//! Passes live in `passes/` (see docs/architecture.md).
+//! Passes live in `passes/` (see docs/architecture.md); searches over their parameters
+//! (`coeff = "auto"`) in [`search`], run by the compile driver.
 
 pub mod cli;
 pub mod compile;
@@ -17,6 +18,7 @@ pub mod progress;
 pub mod report;
 pub mod rome;
 pub mod runtime;
+pub mod search;
 pub mod tokenizer;
 pub mod verify;
 

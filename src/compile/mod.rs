@@ -40,13 +40,16 @@ pub struct Plan {
     pub steps: Vec<locate_steps::StepFindings>,
     /// Per pass, the findings its options were chosen from.
     pub used: Vec<Vec<serde_json::Value>>,
+    /// Per pass, the parameter search (`coeff = "auto"`) run just before it, if any; the pass
+    /// in `passes` was built with a placeholder value and is rebuilt with the chosen one.
+    pub searches: Vec<Option<crate::search::ParamSearch>>,
 }
 
 /// What one pass did.
 #[derive(Debug, Clone, Serialize)]
 pub struct PassRecord {
     pub name: String,
-    /// The options as run (selections made explicit).
+    /// The options as run (selections and searched values made explicit).
     pub options: toml::Table,
     /// The findings the options were selected from.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -54,11 +57,16 @@ pub struct PassRecord {
     pub summary: String,
     pub parameters_before: usize,
     pub parameters_after: usize,
-    /// The pass's structured results, if it has any (see `Pass::details`).
+    /// The parameter search that chose one of the options, if any (`crate::search`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub details: Option<serde_json::Value>,
+    pub search: Option<crate::search::SearchRecord>,
+    /// The search's trials as a table, for people (printed under the summary line).
     #[serde(skip)]
     pub details_text: Option<String>,
+    /// Files to write beside the checkpoint (the pass's and its search's), built when the pass
+    /// ran so their errors stop the compile before anything is written.
+    #[serde(skip)]
+    pub side_files: Vec<(PathBuf, Vec<u8>)>,
     #[serde(skip)]
     pub seconds: f64,
 }
@@ -116,7 +124,7 @@ impl Plan {
             locate_steps::run(&file, prepared, loaded, &model, progress, say)?
         };
         let ir = crate::ir::Ir::from_model(source);
-        let (mut built, mut options, mut used) = (vec![], vec![], vec![]);
+        let (mut built, mut options, mut used, mut searches) = (vec![], vec![], vec![], vec![]);
         for (i, spec) in p.passes.iter().enumerate() {
             let info = passes::find(&spec.name).expect("checked above");
             let at = |e: Error| match e {
@@ -128,10 +136,14 @@ impl Plan {
                 say(format!("pass {}: {}", spec.name, select::describe(u)));
             }
             let base = file.path.parent().unwrap_or(std::path::Path::new("."));
-            let pass = (info.build)(&opts, &passes::BuildCtx { source, base_dir: base, tok: loaded.tok.as_ref(), progress }).map_err(at)?;
+            let cx = passes::BuildCtx { source, base_dir: base, tok: loaded.tok.as_ref(), progress };
+            let search = crate::search::extract(&spec.name, &opts, &cx).map_err(at)?;
+            let placeholder = search.as_ref().map(|s| s.placeholder_options());
+            let pass = (info.build)(placeholder.as_ref().unwrap_or(&opts), &cx).map_err(at)?;
             built.push((spec.name.clone(), pass));
             options.push(opts);
             used.push(from);
+            searches.push(search);
         }
         // `[verify.steer] direction = { by }` becomes the step's vectors file, as in a pass.
         let mut file = file;
@@ -141,7 +153,7 @@ impl Plan {
                 st.direction = budget::DirectionRef::File(path);
             }
         }
-        Ok(Plan { file, source_path, out, emit: emit::EmitOpts { dtype, shard_size, force }, passes: built, options, steps, used })
+        Ok(Plan { file, source_path, out, emit: emit::EmitOpts { dtype, shard_size, force }, passes: built, options, steps, used, searches })
     }
 
     /// Run the passes in order on a copy of the source, the structural verifier after each.
@@ -152,17 +164,32 @@ impl Plan {
         for (i, (name, pass)) in self.passes.iter().enumerate() {
             let before = model.param_count();
             let t = Instant::now();
-            let summary = pass.run(&mut model)?;
+            // A search runs on the model as this pass receives it; the pass is rebuilt with its choice.
+            let (searched, options, search) = match &self.searches[i] {
+                Some(s) => {
+                    let (p, o, r) = s.run(&model, source)?;
+                    (Some(p), o, Some(r))
+                }
+                None => (None, self.options[i].clone(), None),
+            };
+            let pass = searched.as_deref().unwrap_or(pass.as_ref());
+            let mut summary = pass.run(&mut model)?;
+            let mut side_files = pass.side_files()?;
+            if let (Some(r), Some(s)) = (&search, &self.searches[i]) {
+                summary = format!("{}; {summary}", r.summary());
+                side_files.extend(s.side_files(r)?);
+            }
             verifier::check(&model).map_err(|e| Error::invalid(format!("pass {i} ({name}) left an invalid model: {e}")))?;
             let rec = PassRecord {
                 name: name.clone(),
-                options: self.options[i].clone(),
+                options,
                 findings: self.used[i].clone(),
                 summary,
                 parameters_before: before,
                 parameters_after: model.param_count(),
-                details: pass.details(),
-                details_text: pass.details_text(),
+                details_text: search.as_ref().map(|r| r.table()),
+                search,
+                side_files,
                 seconds: t.elapsed().as_secs_f64(),
             };
             on_pass(&rec, &model);
@@ -292,12 +319,9 @@ impl Plan {
             "parameters": compiled.param_count(),
             "verify": verdict,
         });
-        // Side files are built first (so their errors stop the compile before anything is
-        // written) and written after the checkpoint.
-        let mut side = vec![];
-        for (_, pass) in &self.passes {
-            side.extend(pass.side_files()?);
-        }
+        // Side files were built when their pass ran (so their errors stopped the compile before
+        // anything was written) and are written after the checkpoint.
+        let side: Vec<_> = records.iter().flat_map(|r| r.side_files.iter().cloned()).collect();
         let out = emit::emit(compiled, source_dir, &self.out, &[&self.source_path, source_dir], &self.emit, &meta, manifest)?;
         for (path, bytes) in side {
             crate::io::atomic::write_file(&path, &bytes)?;

@@ -74,7 +74,7 @@ pub fn resolve(options: &toml::Table, steps: &[StepFindings], ir: &Ir) -> Result
 pub fn direction(d: &FromDirection, steps: &[StepFindings]) -> Result<(String, Value)> {
     let step = step(steps, &d.by)?;
     let Some(vectors) = step.vectors_path() else {
-        return Err(Error::invalid(format!("direction: the `{}` step ({}) wrote no vectors (a `direction` step does)", step.id, step.method)));
+        return Err(Error::invalid(format!("direction: `{}` is a {} step, which wrote no vectors (a `direction` step does)", step.id, step.method)));
     };
     let tensor = match d.layer {
         None => step.findings.summary.get("best_tensor").and_then(Value::as_str).map(str::to_string),

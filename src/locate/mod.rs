@@ -183,11 +183,11 @@ pub fn spec_from_table(info: &MethodInfo, table: &toml::Table, base: &Path) -> R
     (info.parse)(&matches).map_err(|e| clap_error(info, &e))
 }
 
-/// Clap's first line says what is wrong (the rest is usage): errors stay one line.
+/// Clap's message up to its usage lines, on one line.
 fn clap_error(info: &MethodInfo, e: &clap::Error) -> Error {
     let msg = e.render().to_string();
-    let first = msg.lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
-    Error::invalid(format!("{first} (see `mechc locate {} --help`)", info.name))
+    let what: Vec<&str> = msg.lines().map(str::trim).take_while(|l| !l.starts_with("Usage:")).filter(|l| !l.is_empty()).collect();
+    Error::invalid(format!("{} (see `mechc locate {} --help`)", what.join(" ").trim_start_matches("error: "), info.name))
 }
 
 /// A string naming an existing file (optionally `FILE:FIELD`) relative to `base`: the file

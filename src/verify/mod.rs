@@ -10,4 +10,3 @@ pub mod refusal;
 pub mod report;
 pub mod score;
 pub mod steer;
-pub mod steer_auto;

@@ -259,6 +259,33 @@ pub fn first_token_kl_hooked(reference: &Model, model: &Model, hooks: &Hooks, pr
     Ok(KlReport { prompts: prompts.len(), mean, max, per_prompt })
 }
 
+/// First-token KL(model ‖ model under `hooks`) on `prompts` as a function of the hooks: (mean,
+/// max) over the prompts. The unhooked distributions are computed once, on the first call, so a
+/// search that measures many interventions on one model runs one forward per intervention.
+pub fn first_token_kl_fn<'a>(model: &'a Model, prompts: &'a [Vec<u32>], batch: usize) -> impl FnMut(&Hooks) -> Result<(f64, f64)> + 'a {
+    let mut base: Option<Vec<Vec<f32>>> = None;
+    move |hooks: &Hooks| {
+        if prompts.is_empty() {
+            return Err(Error::invalid("first-token KL: no prompts"));
+        }
+        if base.is_none() {
+            let mut b = vec![vec![]; prompts.len()];
+            score::last_token(model, prompts, batch, &Hooks::new(), None, |i, lp, _| {
+                b[i] = lp.to_vec();
+                Ok(())
+            })?;
+            base = Some(b);
+        }
+        let base = base.as_ref().expect("set above");
+        let mut kls = vec![0f64; prompts.len()];
+        score::last_token(model, prompts, batch, hooks, None, |i, lp, _| {
+            kls[i] = score::kl(&base[i], lp);
+            Ok(())
+        })?;
+        Ok((kls.iter().sum::<f64>() / kls.len() as f64, kls.iter().cloned().fold(0.0, f64::max)))
+    }
+}
+
 /// A short human summary: one line per set and an optional KL line.
 pub fn table(sets: &[(&str, &RefusalReport)], kl: Option<(&str, &KlReport)>) -> String {
     let mut s = format!("{:<12} {:>8} {:>8} {:>8}\n", "set", "prompts", "refused", "rate");

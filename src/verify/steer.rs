@@ -270,6 +270,39 @@ pub fn steer_sweep(
     })
 }
 
+/// `v` scaled to unit length, in f64 (the axis [`projection_hooked`] projects on).
+pub fn unit_f64(v: &Tensor) -> Result<Vec<f64>> {
+    let vv = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let n = vv.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    if n == 0.0 || !n.is_finite() {
+        return Err(Error::invalid("the direction has zero or non-finite norm"));
+    }
+    Ok(vv.iter().map(|&x| x as f64 / n).collect())
+}
+
+/// Mean over prompts of the last token's resid_post at the last layer projected on `unit`,
+/// with `hooks` applied (the `projection` metric of a steering sweep, for any intervention).
+pub fn projection_hooked(model: &Model, hooks: &Hooks, unit: &[f64], prompts: &[Vec<u32>], batch: usize) -> Result<f64> {
+    let measure = HookPoint::ResidPost(model.cfg.num_layers - 1);
+    let mut s = 0f64;
+    crate::verify::score::last_token(model, prompts, batch, hooks, Some(measure), |_, _, a| {
+        s += a.expect("captured").iter().zip(unit).map(|(&x, &u)| x as f64 * u).sum::<f64>();
+        Ok(())
+    })?;
+    Ok(s / prompts.len() as f64)
+}
+
+/// Mean over prompts of the mean log-prob of the `targets` token ids at the next-token position,
+/// with `hooks` applied (the `target` metric of a steering sweep, for any intervention).
+pub fn target_logprob_hooked(model: &Model, hooks: &Hooks, prompts: &[Vec<u32>], targets: &[u32], batch: usize) -> Result<f64> {
+    let mut s = 0f64;
+    crate::verify::score::last_token(model, prompts, batch, hooks, None, |_, lp, _| {
+        s += targets.iter().map(|&t| lp[t as usize] as f64).sum::<f64>() / targets.len() as f64;
+        Ok(())
+    })?;
+    Ok(s / prompts.len() as f64)
+}
+
 /// A human-readable table of a sweep.
 pub fn table(r: &SteerReport) -> String {
     let mut s = format!(

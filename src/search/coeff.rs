@@ -1,11 +1,15 @@
-//! `coeff = "auto"` for additive steering (`bake-steering` mode add): the coefficient c that
-//! maximises a behaviour metric subject to a budget on the first-token KL(unsteered ‖ steered)
-//! over neutral prompts, searched with the runtime twin (c·v added at
-//! `blocks.{layer}.hook_resid_post` at every position), never by rewriting weights per candidate.
+//! `OPTION = "auto"` over one scalar option (today bake-steering's `coeff`): the value that
+//! maximises a behaviour metric subject to a budget on the mean first-token KL(unchanged ‖
+//! changed) over neutral prompts, every candidate measured with the pass's runtime twin on the
+//! model as the pass receives it, never by rewriting weights per candidate.
+//!
+//! The `auto` table (bake-steering's doc lists every key): `max_kl`, `kl_prompts`, `range`
+//! (required); `metric`, `metric_prompts`, `control_prompts`, `targets`, `limit`, `chat`,
+//! `max_tokens`, `grid`, `tol`, `batch`, `plot`.
 //!
 //! The search ([`search`]), over a range [lo, hi] of one sign (|c| grows from the end nearer 0):
 //!
-//! 1. a grid of `grid` evenly spaced coefficients from lo to hi: the KL at each (one forward over
+//! 1. a grid of `grid` evenly spaced values from lo to hi: the KL at each (one forward over
 //!    the KL prompts) and the metric at each (so the record holds the whole trade-off curve);
 //! 2. if even the near end breaks the budget, the search fails ("budget unreachable");
 //! 3. the KL is close to monotone in |c|, so the feasible set is an interval starting at the near
@@ -15,7 +19,7 @@
 //!    KL(c) − max_kl = 0. Root finding rather than minimising a penalised objective because the
 //!    constraint is what binds: the metric usually rises with |c|, so the best feasible c sits on
 //!    the budget's edge, and a root finder finds that edge with a bracket we can report;
-//! 4. the chosen c is, among every evaluated coefficient within budget *on that interval* (grid
+//! 4. the chosen c is, among every evaluated value within budget *on that interval* (grid
 //!    points before the first violation, and the largest in-budget point of the refinement), the
 //!    one with the highest metric; ties go to the smaller |c| (less KL for the same behaviour).
 //!
@@ -24,16 +28,18 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 use argmin::core::{CostFunction, Executor};
 use argmin::solver::brent::BrentRoot;
-use candle_core::{DType, Tensor};
-use serde::Serialize;
+use serde::Deserialize;
 
+use super::objective::{Objective, ObjectiveOpts};
+use super::{Budget, MetricInfo, Search, SearchRecord, Trial};
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::runtime::{HookPoint, Hooks, Op};
-use crate::verify::score::{kl, last_token};
+use crate::passes::BuildCtx;
+use crate::runtime::Hooks;
 
 /// What to search.
 #[derive(Debug, Clone)]
@@ -84,26 +90,12 @@ impl SearchSpec {
     }
 }
 
-/// One evaluated coefficient.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct AutoPoint {
-    pub coeff: f64,
-    /// "grid" or "refine".
-    pub stage: &'static str,
-    pub kl_mean: f64,
-    pub kl_max: f64,
-    pub within_budget: bool,
-    /// The metric (on the metric prompts), where evaluated.
-    pub metric: Option<f64>,
-    /// The metric on the control prompts, where given and evaluated.
-    pub control: Option<f64>,
-}
-
-/// The outcome of a search.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct AutoResult {
-    pub coeff: f64,
-    pub kl_mean: f64,
+/// The outcome of [`search`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// The chosen value and its measurements.
+    pub value: f64,
+    pub kl: f64,
     pub kl_max: f64,
     pub metric: f64,
     pub control: Option<f64>,
@@ -112,7 +104,7 @@ pub struct AutoResult {
     /// the whole range is within budget (the budget does not bind: widen the range).
     pub bracket: Option<[f64; 2]>,
     /// Every evaluation, grid first (near end outwards), then the refinement in its order.
-    pub points: Vec<AutoPoint>,
+    pub trials: Vec<Trial>,
 }
 
 /// A KL measurement: (mean, max) over the prompts.
@@ -152,22 +144,22 @@ impl CostFunction for Edge<'_, '_> {
 
 /// Run the search with `kl(c)` → (mean, max) and `metric(c)` → (metric, control). See the
 /// module documentation. `n_kl` names the prompt count in the error message.
-pub fn search(spec: &SearchSpec, kl: &mut KlFn, metric: &mut MetricFn, n_kl: usize) -> Result<AutoResult> {
+pub fn search(spec: &SearchSpec, kl: &mut KlFn, metric: &mut MetricFn, n_kl: usize) -> Result<Outcome> {
     spec.validate()?;
     let grid = spec.grid_points();
-    let mut points: Vec<AutoPoint> = vec![];
+    let mut points: Vec<Trial> = vec![];
     for &c in &grid {
         let (kl_mean, kl_max) = kl(c)?;
-        points.push(AutoPoint { coeff: c, stage: "grid", kl_mean, kl_max, within_budget: kl_mean <= spec.max_kl, metric: None, control: None });
+        points.push(Trial { value: c, stage: "grid", kl: kl_mean, kl_max, within_budget: kl_mean <= spec.max_kl, metric: None, control: None });
     }
     if !points[0].within_budget {
         return Err(Error::invalid(format!(
             "coeff = \"auto\": budget unreachable: even c = {} (the near end of `auto.range`) gives a mean first-token KL of {:.4} > max_kl = {} on {n_kl} prompts (lower the range's near end or raise `auto.max_kl`)",
-            points[0].coeff, points[0].kl_mean, spec.max_kl
+            points[0].value, points[0].kl, spec.max_kl
         )));
     }
     for p in points.iter_mut() {
-        let (m, ctl) = metric(p.coeff)?;
+        let (m, ctl) = metric(p.value)?;
         p.metric = Some(m);
         p.control = ctl;
     }
@@ -177,8 +169,8 @@ pub fn search(spec: &SearchSpec, kl: &mut KlFn, metric: &mut MetricFn, n_kl: usi
     if let Some(j) = first_bad {
         let (a, b) = (grid[j - 1], grid[j]);
         let seen = RefCell::new(HashMap::from([
-            (a.to_bits(), (points[j - 1].kl_mean, points[j - 1].kl_max)),
-            (b.to_bits(), (points[j].kl_mean, points[j].kl_max)),
+            (a.to_bits(), (points[j - 1].kl, points[j - 1].kl_max)),
+            (b.to_bits(), (points[j].kl, points[j].kl_max)),
         ]));
         let (log, err) = (RefCell::new(vec![]), RefCell::new(None));
         let edge = Edge { kl: RefCell::new(&mut *kl), max_kl: spec.max_kl, seen: &seen, log: &log, err: &err };
@@ -194,22 +186,22 @@ pub fn search(spec: &SearchSpec, kl: &mut KlFn, metric: &mut MetricFn, n_kl: usi
         let log = log.into_inner();
         let start = points.len();
         for (c, mean, max) in log {
-            points.push(AutoPoint { coeff: c, stage: "refine", kl_mean: mean, kl_max: max, within_budget: mean <= spec.max_kl, metric: None, control: None });
+            points.push(Trial { value: c, stage: "refine", kl: mean, kl_max: max, within_budget: mean <= spec.max_kl, metric: None, control: None });
         }
         // The bracket: the outermost in-budget point inside [a, b] and the nearest point past it.
         let inside = |c: f64| c.abs() >= a.abs() && c.abs() <= b.abs();
-        let all: Vec<usize> = (0..points.len()).filter(|&i| inside(points[i].coeff)).collect();
-        let ok = all.iter().copied().filter(|&i| points[i].within_budget).max_by(|&x, &y| points[x].coeff.abs().total_cmp(&points[y].coeff.abs()));
+        let all: Vec<usize> = (0..points.len()).filter(|&i| inside(points[i].value)).collect();
+        let ok = all.iter().copied().filter(|&i| points[i].within_budget).max_by(|&x, &y| points[x].value.abs().total_cmp(&points[y].value.abs()));
         let ok = ok.expect("grid[j-1] is within budget");
         let bad = all
             .iter()
             .copied()
-            .filter(|&i| !points[i].within_budget && points[i].coeff.abs() > points[ok].coeff.abs())
-            .min_by(|&x, &y| points[x].coeff.abs().total_cmp(&points[y].coeff.abs()))
+            .filter(|&i| !points[i].within_budget && points[i].value.abs() > points[ok].value.abs())
+            .min_by(|&x, &y| points[x].value.abs().total_cmp(&points[y].value.abs()))
             .expect("grid[j] is past the edge");
-        bracket = Some([points[ok].coeff, points[bad].coeff]);
+        bracket = Some([points[ok].value, points[bad].value]);
         if ok >= start {
-            let (m, ctl) = metric(points[ok].coeff)?;
+            let (m, ctl) = metric(points[ok].value)?;
             points[ok].metric = Some(m);
             points[ok].control = ctl;
             candidates.push(ok);
@@ -222,95 +214,149 @@ pub fn search(spec: &SearchSpec, kl: &mut KlFn, metric: &mut MetricFn, n_kl: usi
             let (px, py) = (&points[x], &points[y]);
             px.metric.unwrap_or(f64::NEG_INFINITY)
                 .total_cmp(&py.metric.unwrap_or(f64::NEG_INFINITY))
-                .then(py.coeff.abs().total_cmp(&px.coeff.abs()))
+                .then(py.value.abs().total_cmp(&px.value.abs()))
         })
         .expect("the near end is a candidate");
     let p = &points[best];
-    Ok(AutoResult {
-        coeff: p.coeff,
-        kl_mean: p.kl_mean,
+    Ok(Outcome {
+        value: p.value,
+        kl: p.kl,
         kl_max: p.kl_max,
         metric: p.metric.unwrap_or(f64::NAN),
         control: p.control,
         max_kl: spec.max_kl,
         bracket,
-        points: points.clone(),
+        trials: points.clone(),
     })
 }
 
-/// The twin of baking c·v after block `layer`.
-pub fn steer_hooks(layer: usize, v: &Tensor, c: f64) -> Result<Hooks> {
-    let mut h = Hooks::new();
-    h.intervene(HookPoint::ResidPost(layer), Op::Add((v.to_dtype(DType::F32)? * c)?));
-    Ok(h)
+fn d_limit() -> usize {
+    20
+}
+fn d_grid() -> usize {
+    8
+}
+fn d_tol() -> f64 {
+    0.02
+}
+fn d_batch() -> usize {
+    8
+}
+fn d_max_tokens() -> usize {
+    32
+}
+fn yes() -> bool {
+    true
 }
 
-/// First-token KL(unsteered ‖ steered with c·v after `layer`) over `prompts`: (mean, max). The
-/// unsteered distributions are computed once, on the first call.
-pub fn kl_fn<'a>(model: &'a Model, layer: usize, v: &'a Tensor, prompts: &'a [Vec<u32>], batch: usize) -> impl FnMut(f64) -> Result<(f64, f64)> + 'a {
-    let mut base: Option<Vec<Vec<f32>>> = None;
-    move |c: f64| {
-        if prompts.is_empty() {
-            return Err(Error::invalid("coeff = \"auto\": no KL prompts"));
-        }
-        if base.is_none() {
-            let mut b = vec![vec![]; prompts.len()];
-            last_token(model, prompts, batch, &Hooks::new(), None, |i, lp, _| {
-                b[i] = lp.to_vec();
-                Ok(())
-            })?;
-            base = Some(b);
-        }
-        let base = base.as_ref().expect("set above");
-        if c == 0.0 {
-            return Ok((0.0, 0.0));
-        }
-        let mut kls = vec![0f64; prompts.len()];
-        last_token(model, prompts, batch, &steer_hooks(layer, v, c)?, None, |i, lp, _| {
-            kls[i] = kl(&base[i], lp);
-            Ok(())
-        })?;
-        Ok((kls.iter().sum::<f64>() / kls.len() as f64, kls.iter().cloned().fold(0.0, f64::max)))
+/// The `auto` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AutoOpts {
+    max_kl: f64,
+    kl_prompts: String,
+    range: [f64; 2],
+    #[serde(default)]
+    metric: Option<String>,
+    metric_prompts: Option<String>,
+    control_prompts: Option<String>,
+    #[serde(default)]
+    targets: Vec<String>,
+    #[serde(default = "d_limit")]
+    limit: usize,
+    #[serde(default = "yes")]
+    chat: bool,
+    #[serde(default = "d_max_tokens")]
+    max_tokens: usize,
+    #[serde(default = "d_grid")]
+    grid: usize,
+    #[serde(default = "d_tol")]
+    tol: f64,
+    #[serde(default = "d_batch")]
+    batch: usize,
+    plot: Option<String>,
+}
+
+/// A checked `auto` table with its prompts loaded.
+pub struct CoeffSearch {
+    pub spec: SearchSpec,
+    pub objective: Objective,
+    plot: Option<PathBuf>,
+    progress: bool,
+}
+
+impl CoeffSearch {
+    /// Check the `auto` table and load its prompt sets (small; before anything heavy runs).
+    /// `options` are the pass's: the `projection` metric projects on its `direction`.
+    pub fn from_table(t: &toml::Table, options: &toml::Table, cx: &BuildCtx) -> Result<CoeffSearch> {
+        let a: AutoOpts = crate::passes::options(t).map_err(|e| Error::invalid(format!("`auto`: {e}")))?;
+        let spec = SearchSpec { max_kl: a.max_kl, range: (a.range[0], a.range[1]), grid: a.grid, tol: a.tol };
+        spec.validate()?;
+        let o = ObjectiveOpts {
+            kl_prompts: &a.kl_prompts,
+            metric: a.metric.as_deref(),
+            metric_prompts: a.metric_prompts.as_deref(),
+            control_prompts: a.control_prompts.as_deref(),
+            targets: &a.targets,
+            limit: a.limit,
+            chat: a.chat,
+            max_tokens: a.max_tokens,
+            batch: a.batch,
+        };
+        let direction = || crate::passes::bake_steering::steering_vector(options, cx);
+        let has_direction = options.contains_key("direction");
+        let objective = Objective::load(&o, has_direction.then_some(&direction as &dyn Fn() -> Result<candle_core::Tensor>), cx)?;
+        Ok(CoeffSearch { spec, objective, plot: a.plot.as_deref().map(|p| cx.path(p)), progress: cx.progress })
+    }
+
+    /// [`search`] with the KL and the metric measured on `model` under `twin_at(c)`.
+    pub fn outcome(&self, model: &Model, twin_at: &dyn Fn(f64) -> Result<Hooks>) -> Result<Outcome> {
+        let bar = crate::progress::bar(0, "auto coeff", self.progress);
+        let mut kl_of = self.objective.kl_fn(model);
+        let mut evals = 0u64;
+        let mut kl = |c: f64| {
+            evals += 1;
+            bar.set_message(format!("KL at c = {c:.4}"));
+            bar.set_position(evals);
+            kl_of(&twin_at(c)?)
+        };
+        let mut metric = |c: f64| -> Result<(f64, Option<f64>)> {
+            bar.set_message(format!("{} at c = {c:.4}", self.objective.metric_name()));
+            self.objective.metric(model, &twin_at(c)?)
+        };
+        let r = search(&self.spec, &mut kl, &mut metric, self.objective.kl_prompts.len())?;
+        bar.finish_and_clear();
+        Ok(r)
     }
 }
 
-/// Mean last-token projection of the last layer's resid_post on v̂, steered by c·v after `layer`.
-pub fn projection(model: &Model, layer: usize, v: &Tensor, prompts: &[Vec<u32>], batch: usize, c: f64) -> Result<f64> {
-    let vv = v.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    let n = vv.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-    let unit: Vec<f64> = vv.iter().map(|&x| x as f64 / n).collect();
-    let measure = HookPoint::ResidPost(model.cfg.num_layers - 1);
-    let mut s = 0f64;
-    last_token(model, prompts, batch, &steer_hooks(layer, v, c)?, Some(measure), |_, _, a| {
-        s += a.expect("captured").iter().zip(&unit).map(|(&x, &u)| x as f64 * u).sum::<f64>();
-        Ok(())
-    })?;
-    Ok(s / prompts.len() as f64)
-}
-
-/// Mean log-prob of the target tokens at the next-token position, steered by c·v after `layer`.
-pub fn target_logprob(model: &Model, layer: usize, v: &Tensor, prompts: &[Vec<u32>], targets: &[u32], batch: usize, c: f64) -> Result<f64> {
-    let mut s = 0f64;
-    last_token(model, prompts, batch, &steer_hooks(layer, v, c)?, None, |_, lp, _| {
-        s += targets.iter().map(|&t| lp[t as usize] as f64).sum::<f64>() / targets.len() as f64;
-        Ok(())
-    })?;
-    Ok(s / prompts.len() as f64)
-}
-
-/// A table of the evaluated points (for the compile's output).
-pub fn table(r: &AutoResult, metric_name: &str) -> String {
-    let mut pts = r.points.clone();
-    pts.sort_by(|a, b| a.coeff.abs().total_cmp(&b.coeff.abs()));
-    let has_ctl = pts.iter().any(|p| p.control.is_some());
-    let mut s = format!("{:>10} {:>7} {:>10} {:>10} {:>12}{}\n", "coeff", "stage", "KL mean", "KL max", metric_name, if has_ctl { format!(" {:>12}", "control") } else { String::new() });
-    for p in &pts {
-        let mark = if p.coeff == r.coeff { "  <- chosen" } else if !p.within_budget { "  (over budget)" } else { "" };
-        let m = p.metric.map(|m| format!("{m:.4}")).unwrap_or_else(|| "-".into());
-        let c = if has_ctl { format!(" {:>12}", p.control.map(|m| format!("{m:.4}")).unwrap_or_else(|| "-".into())) } else { String::new() };
-        s += &format!("{:>10.4} {:>7} {:>10.4} {:>10.4} {:>12}{c}{mark}\n", p.coeff, p.stage, p.kl_mean, p.kl_max, m);
+impl Search for CoeffSearch {
+    /// The near end of the range.
+    fn placeholder(&self) -> f64 {
+        self.spec.grid_points()[0]
     }
-    s
+
+    fn run(&self, option: &str, model: &Model, twin_at: &dyn Fn(f64) -> Result<Hooks>) -> Result<SearchRecord> {
+        let r = self.outcome(model, twin_at)?;
+        let (lo, hi) = self.spec.range;
+        Ok(SearchRecord {
+            option: option.to_string(),
+            method: "grid+brent",
+            space: serde_json::json!({ "range": [lo, hi], "grid": self.spec.grid, "tol": self.spec.tol }),
+            budget: Budget { measure: "first_token_kl_mean", max: self.spec.max_kl, prompts: self.objective.kl_prompts.len() },
+            metric: MetricInfo { name: self.objective.metric_name(), prompts: self.objective.metric_prompts(), control_prompts: self.objective.control_prompts() },
+            trials: r.trials,
+            chosen: r.value,
+            bracket: r.bracket,
+        })
+    }
+
+    fn side_files(&self, record: &SearchRecord) -> Result<Vec<(PathBuf, Vec<u8>)>> {
+        Ok(match &self.plot {
+            Some(p) => vec![(p.clone(), record.plot_svg()?.into_bytes())],
+            None => vec![],
+        })
+    }
 }
 
 #[cfg(test)]
@@ -327,25 +373,25 @@ mod tests {
         let mut kl = |c: f64| Ok((c * c, c * c));
         let mut m = |c: f64| Ok((c, None));
         let r = search(&spec(2.0, (0.0, 5.0)), &mut kl, &mut m, 1).unwrap();
-        assert!(r.kl_mean <= 2.0 && (r.coeff - 2f64.sqrt()).abs() < 0.03, "{r:?}");
+        assert!(r.kl <= 2.0 && (r.value - 2f64.sqrt()).abs() < 0.03, "{r:?}");
         let [ok, bad] = r.bracket.unwrap();
-        assert_eq!(ok, r.coeff);
+        assert_eq!(ok, r.value);
         assert!(bad * bad > 2.0 && bad - ok <= 0.01 * 2.0 + 1e-9, "{ok} {bad}");
         // Negative side: mirror image.
         let r = search(&spec(2.0, (-5.0, 0.0)), &mut kl, &mut |c: f64| Ok((-c, None)), 1).unwrap();
-        assert!((r.coeff + 2f64.sqrt()).abs() < 0.03, "{r:?}");
+        assert!((r.value + 2f64.sqrt()).abs() < 0.03, "{r:?}");
     }
 
     #[test]
     fn a_flat_metric_prefers_the_smaller_coefficient_and_unreachable_fails() {
         let mut kl = |c: f64| Ok((c, c));
         let r = search(&spec(3.0, (0.0, 5.0)), &mut kl, &mut |_| Ok((1.0, None)), 1).unwrap();
-        assert_eq!(r.coeff, 0.0);
+        assert_eq!(r.value, 0.0);
         let e = search(&spec(0.1, (1.0, 5.0)), &mut kl, &mut |_| Ok((1.0, None)), 7).unwrap_err().to_string();
         assert!(e.contains("budget unreachable") && e.contains("c = 1") && e.contains("7 prompts"), "{e}");
         // A budget that never binds: no bracket, the far end.
         let r = search(&spec(100.0, (0.0, 5.0)), &mut kl, &mut |c| Ok((c, None)), 1).unwrap();
-        assert_eq!((r.coeff, r.bracket), (5.0, None));
+        assert_eq!((r.value, r.bracket), (5.0, None));
         assert!(spec(1.0, (-1.0, 1.0)).validate().unwrap_err().to_string().contains("crosses 0"));
     }
 }
