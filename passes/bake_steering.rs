@@ -624,7 +624,7 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert_eq!(z, 0.0);
-        crate::compile::verifier::check(&m).unwrap();
+        crate::model::verifier::check(&m).unwrap();
     }
 
     #[test]

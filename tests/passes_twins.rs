@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 use common::rel_diff;
-use mechc::compile::verifier;
+use mechc::model::verifier;
 use mechc::model::decoder::Fwd;
 use mechc::model::random::{random_model, RandomSpec};
 use mechc::model::Model;

@@ -10,7 +10,6 @@ pub mod emit;
 pub mod locate_steps;
 pub mod pipeline;
 pub mod select;
-pub mod verifier;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -21,7 +20,7 @@ use serde_json::json;
 
 use crate::data::{SetSpec, TextSet};
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{verifier, Model};
 use crate::passes::{self, Pass};
 use crate::verify::budget::{self, BudgetCheck};
 use crate::verify::diff::{diff_prompts, diff_text, DiffOpts, PromptsDiff, TextDiff};

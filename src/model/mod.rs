@@ -12,6 +12,7 @@ pub mod qwen2;
 pub mod random;
 pub mod rope;
 pub mod swiglu;
+pub mod verifier;
 
 use candle_core::{DType, Tensor};
 use serde_json::{Map, Value};

@@ -1,4 +1,4 @@
-//! The structural verifier the pass manager runs after every pass: shapes agree with each other
+//! The structural verifier the pass manager (`compile::Plan`) runs after every pass: shapes agree with each other
 //! and with the config, GQA groups are whole, every weight is finite.
 
 use crate::error::{Error, Result};
