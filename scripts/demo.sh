@@ -5,7 +5,7 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
-export MECHC_CACHE="${MECHC_CACHE:-$REPO/.cache}"
+export MECHC_CACHE="$(bash "$REPO/scripts/cache_dir.sh")"   # the one cache mechc also finds by hand
 OUT="$MECHC_CACHE/demo"
 
 bash scripts/fetch_models.sh smollm2

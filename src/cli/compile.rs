@@ -8,6 +8,8 @@ use clap::Args;
 use super::Global;
 use crate::compile::{pipeline::PipelineFile, Plan, Verdict};
 
+/// Compile a model: run a pipeline's passes, verify its budgets, emit the checkpoint.
+///
 /// Compile a model: apply the pipeline's passes to the source weights (the structural verifier
 /// runs after each), diff the result against the source on `[verify]`'s prompts and text, check
 /// every budget, and write the checkpoint atomically with a manifest. A violated budget fails

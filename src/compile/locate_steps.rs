@@ -78,6 +78,7 @@ pub fn run(file: &PipelineFile, model_path: &Path, say: &dyn Fn(String)) -> Resu
         let cached = dir.join("findings.json").exists();
         if cached {
             say(format!("locate {}: cached findings in {}", spec.id(), dir.display()));
+            crate::io::cache::touch(&dir); // last use, for `mechc cache prune --older-than`
         } else {
             say(format!("locate {}: running `mechc locate {} {}` ...", spec.id(), spec.method, args.join(" ")));
             run_one(spec, model_path, &args, &dir).map_err(|e| Error::config(&file.path, &field, e))?;

@@ -18,6 +18,8 @@ use clap::{Args, Subcommand};
 use super::Global;
 use crate::ir::Findings;
 
+/// Find where a behaviour lives: score components, write findings.
+///
 /// Find where a behaviour lives: score the model's components with a method and write the
 /// findings (JSON, with the method, options, model hash and data hash) for passes to select from.
 /// Scores print one per line in the IR notation (`L12  0.4120`).
