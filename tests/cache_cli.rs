@@ -144,7 +144,7 @@ fn list_and_prune_real_entries() {
 
     // No filter, a bad kind, a negative age: one-line errors.
     common::fails(mechc_in(&cache).args(["cache", "prune"]), &["--older-than", "--all"]);
-    common::fails(mechc_in(&cache).args(["cache", "prune", "--older-than", "-1"]), &["--older-than"]);
+    common::fails(mechc_in(&cache).args(["cache", "prune", "--older-than=-1"]), &["--older-than"]);
     let o = mechc_in(&cache).args(["cache", "prune", "--kind", "models"]).output().unwrap();
     assert!(!o.status.success());
 }
