@@ -29,6 +29,12 @@ kv group (its k_proj/v_proj rows too) when all of its query heads go.
 
 Options (explicit targets, or a built-in ranking):
   heads = [\"L3.H2\", \"L3.H5\"]  query heads to remove (layer and head index of the source model)
+  select = { by = ID, lowest = 1, per_group = true }
+                           or: heads chosen from the findings of the [[locate]] step `ID`
+                           (head-importance: low = least important): lowest = N, highest = N or
+                           fraction = F (from = \"lowest\" | \"highest\"); per_group = true counts
+                           within each kv group (keeps GQA valid), per_layer = true within each
+                           layer; layers = [..] restricts the candidates
   per_group = 1            or: remove this many query heads from every kv group ...
   layers = [0, 1]          ... in these layers (default: all) ...
   by = \"weight-magnitude\"  ... the lowest ‖W_q rows of the head‖·‖W_o columns of the head‖
@@ -51,7 +57,32 @@ num_key_value_heads (head_dim stays explicit): a stock checkpoint. Counts that d
 layers are written as mechc_layer_num_attention_heads / mechc_layer_num_key_value_heads, which
 our loader reads and stock transformers cannot load. Runtime twin: scale the pruned heads by 0
 at blocks.L.attn.hook_z; with compensate = \"mean\", then add their mean z there (at every
-position), i.e. mean ablation. Means are measured on the pass's source model.";
+position), i.e. mean ablation. Means are measured on the pass's source model.
+
+Example (explicit heads; a kv group of three keeps two):
+    [[pass]]
+    name = \"prune-heads\"
+    heads = [\"L3.H2\", \"L3.H5\", \"L3.H8\"]
+
+Example (the smallest-weight head of every kv group, mean-compensated over a text):
+    [[pass]]
+    name = \"prune-heads\"
+    per_group = 1
+    by = \"weight-magnitude\"
+    uniform = true
+    compensate = \"mean\"
+    mean_over_text = \"../../shared/data/text/wikitext2-test.raw\"
+    tokens = 256
+
+Example (located by FLAP: the least important head of each kv group in layers 4 to 7):
+    [[locate]]
+    id = \"hi\"
+    method = \"head-importance\"
+    text = \"../../shared/data/text/wikitext2-test.raw\"
+    tokens = 1024
+    [[pass]]
+    name = \"prune-heads\"
+    select = { by = \"hi\", lowest = 1, per_group = true, layers = [4, 5, 6, 7] }";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

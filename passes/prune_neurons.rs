@@ -27,6 +27,11 @@ const DOC: &str = "Remove MLP neurons: rows of gate_proj/up_proj, columns of dow
 
 Options (explicit targets, or a built-in ranking):
   neurons = { \"3\" = [1, 5, 9], \"L4\" = [0] }   neurons to remove, by layer (\"3\" or \"L3\")
+  select = { by = ID, fraction = 0.2, per_layer = true }
+                           or: neurons chosen from the findings of the [[locate]] step `ID`
+                           (neuron-importance: low = least important): lowest = N, highest = N
+                           or fraction = F (from = \"lowest\" | \"highest\"), per_layer = true to
+                           count within each layer, layers = [..] to restrict the candidates
   layers = [0, 1]          with count/fraction: the layers to prune (default: all)
   count = 256              remove this many neurons per layer ...
   fraction = 0.2           ... or this fraction of each layer's d_ff (rounded)
@@ -49,7 +54,46 @@ The same d_ff in every layer keeps HF's intermediate_size (stock checkpoint). Di
 per layer are written as `mechc_layer_intermediate_size` in config.json, which our loader reads
 and stock transformers cannot load. Runtime twin: scale the pruned neurons by 0 at
 blocks.L.mlp.hook_post; with compensate = \"mean\", then add their mean activation there (at
-every position), i.e. mean ablation. Means are measured on the pass's source model.";
+every position), i.e. mean ablation. Means are measured on the pass's source model.
+
+Example (explicit neurons):
+    [[pass]]
+    name = \"prune-neurons\"
+    neurons = { \"3\" = [1, 5, 9], \"L4\" = [0] }
+
+Example (the 20% of each layer with the smallest weights, a stock config):
+    [[pass]]
+    name = \"prune-neurons\"
+    fraction = 0.2
+    by = \"weight-magnitude\"
+    uniform = true
+
+Example (random baseline, 256 per layer in layers 0 and 1, with mean compensation):
+    [[pass]]
+    name = \"prune-neurons\"
+    count = 256
+    layers = [0, 1]
+    by = \"random\"
+    seed = 0
+    compensate = \"mean\"
+    mean_over_ids = [1, 2, 3, 4, 5, 6, 7, 8]
+
+Example (located by FLAP, 35% per layer, mean-compensated; configs/smollm2-compress.toml):
+    [[locate]]
+    id = \"flap\"
+    method = \"neuron-importance\"
+    by = \"flap\"
+    text = \"../../shared/data/text/wikitext2-test.raw\"
+    skip = 4096
+    tokens = 4096
+    [[pass]]
+    name = \"prune-neurons\"
+    select = { by = \"flap\", fraction = 0.35, per_layer = true }
+    uniform = true
+    compensate = \"mean\"
+    mean_over_text = \"../../shared/data/text/wikitext2-test.raw\"
+    mean_over_skip = 4096
+    tokens = 512";
 
 #[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq, Debug)]
 #[serde(rename_all = "lowercase")]

@@ -60,7 +60,35 @@ Options:
                                the residual after the last layer, not the MLP output)
 
 Needs the model's tokenizer. Runtime twin: a rank-k adapter beside the edited down_proj,
-mlp_out += Σᵢ rᵢ (uᵢ·k) with k the layer's mlp.hook_post; exact, since W' = W + Σᵢ rᵢuᵢᵀ.";
+mlp_out += Σᵢ rᵢ (uᵢ·k) with k the layer's mlp.hook_post; exact, since W' = W + Σᵢ rᵢuᵢᵀ.
+Targets are facts, not components: `select` does not apply.
+
+Example (ROME, the first 20 CounterFact records into layer 4; configs/smollm2-rome-facts.toml):
+    [[pass]]
+    name = \"rank-one-edit\"
+    facts = \"../../shared/data/prompts/counterfact/counterfact-edit.json\"
+    limit = 20
+    layer = 4
+    covariance = \"../../shared/data/text/wikitext2-test.raw\"
+    cov_tokens = 100000
+
+Example (MEMIT over layers 2..6; configs/smollm2-memit-facts.toml):
+    [[pass]]
+    name = \"rank-one-edit\"
+    method = \"memit\"
+    facts = \"../../shared/data/prompts/counterfact/counterfact-edit.json\"
+    limit = 20
+    layers = [2, 3, 4, 5, 6]
+    mom2_weight = 800
+    covariance = \"../../shared/data/text/wikitext2-test.raw\"
+
+Example (two chosen records, C = I, as EasyEdit does for Llama):
+    [[pass]]
+    name = \"rank-one-edit\"
+    facts = \"../../shared/data/prompts/counterfact/counterfact-edit.json\"
+    ids = [0, 4]
+    layer = 4
+    covariance = \"identity\"";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

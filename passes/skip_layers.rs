@@ -1,7 +1,7 @@
 //! skip-layers: delete whole decoder blocks and renumber the rest.
 //!
-//! Options:
-//!   layers = [21, 22]   block indices of the source model to delete (at least one block stays)
+//! Options: `layers = [21, 22]` (block indices of the source model to delete; at least one block
+//! stays) or `select = { by = ID, lowest = N }` (from findings). Examples in [`DOC`].
 //!
 //! The config's `num_hidden_layers` drops accordingly, and per-layer config arrays
 //! (`layer_types`, `no_rope_layers`) lose the deleted entries. The result is a stock checkpoint
@@ -19,11 +19,36 @@ pub const INFO: PassInfo = PassInfo { name: "skip-layers", doc: DOC, build, exam
 
 const DOC: &str = "Delete whole decoder blocks and renumber the rest.
 
-Options:
-  layers = [21, 22]   block indices (0-based, of the source model) to delete; at least one stays
+Options (the blocks to delete, one of):
+  layers = [21, 22]   block indices (0-based, of the source model); at least one block stays
+  select = { by = ID, lowest = 1 }
+                      blocks chosen from the findings of the [[locate]] step `ID` (e.g.
+                      block-influence, where low = redundant): lowest = N or highest = N, or
+                      fraction = F (of all blocks; from = \"lowest\" (default) | \"highest\");
+                      layers = [..] restricts the candidates
 
 num_hidden_layers and the per-layer config arrays (layer_types, no_rope_layers) are updated, so
-the output is a stock checkpoint. Runtime twin: skip the same blocks (resid_post = resid_pre).";
+the output is a stock checkpoint. Runtime twin: skip the same blocks (resid_post = resid_pre).
+
+Example (delete two blocks by index):
+    [[pass]]
+    name = \"skip-layers\"
+    layers = [21, 22]
+
+Example (locate block influence, delete the lowest block; configs/smollm2-skip-layers.toml):
+    [[locate]]
+    id = \"bi\"
+    method = \"block-influence\"
+    text = \"../../shared/data/text/wikitext2-test.raw\"
+    tokens = 2048
+    [[pass]]
+    name = \"skip-layers\"
+    select = { by = \"bi\", lowest = 1 }
+
+Example (the 3 most redundant of blocks 10 to 20):
+    [[pass]]
+    name = \"skip-layers\"
+    select = { by = \"bi\", lowest = 3, layers = [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20] }";
 
 /// Config arrays with one entry per layer.
 const PER_LAYER_KEYS: &[&str] = &["layer_types", "no_rope_layers"];

@@ -5,7 +5,7 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
-export MECHC_CACHE="${MECHC_CACHE:-$REPO/.cache}"
+export MECHC_CACHE="$(bash "$REPO/scripts/cache_dir.sh")"   # the one cache mechc also finds by hand
 SHARED="${MECHC_SHARED_DATA:-$REPO/../shared/data}"
 bash scripts/fetch_models.sh smollm2 >&2
 bash scripts/setup_python.sh >&2

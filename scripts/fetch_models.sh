@@ -15,7 +15,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CACHE="${MECHC_CACHE:-$REPO/.cache}"
+CACHE="$(bash "$REPO/scripts/cache_dir.sh")"   # the cache mechc uses too
 MODELS="$CACHE/models"
 PYTHON="${PYTHON:-python3}"
 

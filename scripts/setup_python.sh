@@ -12,7 +12,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CACHE="${MECHC_CACHE:-$REPO/.cache}"
+CACHE="$(bash "$REPO/scripts/cache_dir.sh")"   # the cache mechc uses too
 VENV="$CACHE/venv"
 REQ="${MECHC_PY_REQUIREMENTS:-$REPO/scripts/requirements-ref.txt}"
 PY_BASE="${MECHC_PYTHON:-python3.11}"

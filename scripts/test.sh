@@ -8,7 +8,7 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
-export MECHC_CACHE="${MECHC_CACHE:-$REPO/.cache}"
+export MECHC_CACHE="$(bash "$REPO/scripts/cache_dir.sh")"   # the one cache mechc also finds by hand
 export MECHC_SHARED_DATA="${MECHC_SHARED_DATA:-$REPO/../shared/data}"
 
 step() { printf '\n==> %s\n' "$*"; }

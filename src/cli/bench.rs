@@ -12,6 +12,8 @@ use crate::model::decoder::Fwd;
 use crate::runtime::generate::{generate, GenOpts};
 use crate::runtime::{Batch, Hooks};
 
+/// Time prefill and decode and measure peak memory, as JSON.
+///
 /// Time prefill (64 and 512 tokens unless --prefill says otherwise; median of --runs after one
 /// warm-up) and greedy decode (64 new tokens from a 16-token prompt, KV cache), and report peak
 /// RSS, as JSON.

@@ -10,6 +10,8 @@ use crate::data::{SetSpec, TextSet};
 use crate::report::one_line;
 use crate::verify::diff::{diff_prompts, diff_text, DiffOpts, PromptsDiff, Side, TextDiff};
 
+/// Compare two models' behaviour: KL, top-1 agreement, perplexity, most-moved prompts.
+///
 /// Compare two models' next-token distributions over prompts and/or text: KL(A‖B) at every
 /// position and at the first generated token, top-1 agreement, perplexity of each on the text,
 /// and the prompts that moved most with both greedy continuations. Works across shape changes
@@ -54,9 +56,14 @@ pub struct DiffArgs {
     /// Also write an HTML report (tables and a KL histogram) readable offline.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Replace the --report file if it exists.
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn run(a: DiffArgs, g: &Global) -> anyhow::Result<()> {
+    // The report path is checked before any work (a model load, minutes of generation).
+    crate::io::atomic::check_file_opt(a.report.as_deref(), a.force, &[a.model_a.as_path(), a.model_b.as_path()])?;
     if a.prompts.is_none() && a.text.is_none() {
         anyhow::bail!("give --prompts FILE[:FIELD] and/or --text FILE to compare on");
     }

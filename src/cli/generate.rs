@@ -9,6 +9,8 @@ use super::Global;
 use crate::runtime::generate::{generate, GenOpts};
 use crate::runtime::Hooks;
 
+/// Generate text from a prompt (streamed; greedy by default).
+///
 /// Generate text from a prompt, streaming tokens to stdout. Greedy unless --temperature > 0.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {

@@ -9,6 +9,8 @@ use serde_json::json;
 use super::Global;
 use crate::model::{Proj, TensorRole};
 
+/// Show what a checkpoint is: architecture, shapes, parameters, dtype, tokenizer.
+///
 /// Show a model's architecture, shapes, parameter counts per component kind, storage dtype
 /// and tokenizer.
 #[derive(Args, Debug)]

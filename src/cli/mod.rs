@@ -1,6 +1,7 @@
 //! The command line: one file per subcommand. Doc comments are the `--help` text.
 
 pub mod bench;
+pub mod cache;
 pub mod compile;
 pub mod diff;
 pub mod eval;
@@ -18,7 +19,8 @@ use clap::{Args, Parser, Subcommand};
 /// mechc: locate behaviours in a language model, rewrite its weights, verify, emit a checkpoint.
 ///
 /// MODEL arguments take an HF model directory (config.json + safetensors) or a .gguf file,
-/// which is imported once into the cache ($MECHC_CACHE, default ~/.cache/mechc).
+/// which is imported once into the cache (`mechc cache` lists it: $MECHC_CACHE, else the .cache/
+/// of the checkout mechc was built from, else ~/.cache/mechc).
 #[derive(Parser, Debug)]
 #[command(name = "mechc", version, propagate_version = true)]
 pub struct Cli {
@@ -60,6 +62,7 @@ pub enum Command {
     Eval(eval::EvalArgs),
     Tokenize(tokenize::TokenizeArgs),
     Bench(bench::BenchArgs),
+    Cache(cache::CacheArgs),
     #[command(hide = true)]
     RandomModel(random_model::RandomModelArgs),
 }
@@ -88,6 +91,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(a, &g),
         Command::Tokenize(a) => tokenize::run(a, &g),
         Command::Bench(a) => bench::run(a, &g),
+        Command::Cache(a) => cache::run(a, &g),
         Command::RandomModel(a) => random_model::run(a, &g),
     }
 }

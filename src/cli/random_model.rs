@@ -32,11 +32,13 @@ pub struct RandomModelArgs {
     /// Tie the unembedding to the embedding.
     #[arg(long)]
     pub tied: bool,
+    /// Replace the output directory if it exists.
     #[arg(long)]
     pub force: bool,
 }
 
 pub fn run(a: RandomModelArgs, _g: &Global) -> anyhow::Result<()> {
+    crate::io::atomic::check(&a.out, a.force, &[])?;
     let mut spec = RandomSpec::from_seed(a.seed);
     spec.arch = match a.arch.as_str() {
         "llama" => Arch::Llama,

@@ -10,6 +10,8 @@ use super::Global;
 use crate::model::decoder::Fwd;
 use crate::runtime::{Batch, HookPoint, Hooks};
 
+/// Run one prompt and save its logits and chosen activations (safetensors).
+///
 /// Run one prompt and write a safetensors file with `input_ids` (i64, [seq]), `logits`
 /// (f32, [seq, vocab]) and every hook matching --hooks, at every position, without the batch
 /// axis: e.g. `blocks.3.hook_resid_post` [seq, d_model], `blocks.3.attn.hook_z` [seq, head, d_head].
@@ -45,9 +47,7 @@ pub struct TraceArgs {
 }
 
 pub fn run(a: TraceArgs, g: &Global) -> anyhow::Result<()> {
-    if a.out.exists() && !a.force {
-        return Err(crate::Error::output(&a.out, "already exists (pass --force to replace it)").into());
-    }
+    crate::io::atomic::check_file(&a.out, a.force, &[a.model.as_path()])?;
     let loaded = crate::io::load(&a.model, g.progress())?;
     let ids = match (&a.ids, &a.prompt) {
         (Some(ids), _) => ids.clone(),

@@ -109,6 +109,7 @@ pub fn run(file: &PipelineFile, prepared: Prepared, loaded: &crate::io::Loaded, 
         let cached = dir.join("findings.json").exists();
         if cached {
             say(format!("locate {id}: cached findings ({})", info.name));
+            crate::io::cache::touch(&dir); // last use, for `mechc cache prune --older-than`
         } else {
             say(format!("locate {id}: running {} ({given}) ...", info.name));
             let cx = crate::locate::Ctx { loaded, source: model.clone(), progress, plot: false };

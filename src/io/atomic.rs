@@ -16,16 +16,8 @@ impl OutDir {
     /// Refuses an existing `target` unless `force`, and any target that is, contains or lies
     /// inside one of `inputs`.
     pub fn create(target: &Path, force: bool, inputs: &[&Path]) -> Result<OutDir> {
+        check(target, force, inputs)?;
         let abs = absolute(target)?;
-        for input in inputs {
-            let inp = absolute(input)?;
-            if abs == inp || abs.starts_with(&inp) || inp.starts_with(&abs) {
-                return Err(Error::output(target, format!("the output would overwrite the input {}", input.display())));
-            }
-        }
-        if target.exists() && !force {
-            return Err(Error::output(target, "already exists (pass --force to replace it)"));
-        }
         let parent = abs.parent().ok_or_else(|| Error::output(target, "has no parent directory"))?;
         std::fs::create_dir_all(parent).with_path(parent)?;
         let name = abs.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -101,6 +93,53 @@ fn absolute(p: &Path) -> Result<PathBuf> {
         (Some(parent), Some(name)) => Ok(parent.canonicalize().map(|c| c.join(name)).unwrap_or(abs.clone())),
         _ => Ok(abs),
     }
+}
+
+/// The checks an output directory gets before any work (commands call this before loading a
+/// model, so a run is never thrown away at the end): an existing `target` is refused unless
+/// `force`, as is a target that is, contains or lies inside one of `inputs`, or whose nearest
+/// existing ancestor is not a directory. Creates nothing.
+pub fn check(target: &Path, force: bool, inputs: &[&Path]) -> Result<()> {
+    check_inner(target, force, inputs, true)
+}
+
+/// [`check`] for a single output file (a trace, a report): it may lie inside an input directory
+/// (a report beside the model it describes), but is never one of the inputs.
+pub fn check_file(target: &Path, force: bool, inputs: &[&Path]) -> Result<()> {
+    check_inner(target, force, inputs, false)
+}
+
+/// [`check_file`] for an optional output (e.g. `--report`).
+pub fn check_file_opt(target: Option<&Path>, force: bool, inputs: &[&Path]) -> Result<()> {
+    target.map_or(Ok(()), |t| check_file(t, force, inputs))
+}
+
+fn check_inner(target: &Path, force: bool, inputs: &[&Path], nested: bool) -> Result<()> {
+    let abs = absolute(target)?;
+    for input in inputs {
+        let inp = absolute(input)?;
+        if abs == inp || (nested && (abs.starts_with(&inp) || inp.starts_with(&abs))) {
+            return Err(Error::output(target, format!("the output would overwrite the input {}", input.display())));
+        }
+    }
+    if target.exists() && !force {
+        return Err(Error::output(target, "already exists (pass --force to replace it)"));
+    }
+    if !nested && target.is_dir() {
+        return Err(Error::output(target, "is a directory (expected a file path)"));
+    }
+    // The nearest existing ancestor must be a directory (the rest is created when writing).
+    let mut up = abs.parent();
+    while let Some(p) = up {
+        if p.exists() {
+            if !p.is_dir() {
+                return Err(Error::output(target, format!("cannot be created: {} is not a directory", p.display())));
+            }
+            break;
+        }
+        up = p.parent();
+    }
+    Ok(())
 }
 
 /// Files 0644 and directories 0755 (candle and tempfile create 0600 files).

@@ -239,6 +239,8 @@ pub fn hf_tensors(g: &Gguf, cfg: &ModelConfig, mut progress: impl FnMut(&str)) -
 
 /// Import a GGUF into an HF directory at `out` (written atomically).
 pub fn import(path: &Path, out: &Path, dtype: DType, force: bool, show_progress: bool) -> Result<std::path::PathBuf> {
+    // The output first: a bad --out must not cost reading the file (nor follow its errors).
+    super::atomic::check(out, force, &[path])?;
     let g = Gguf::open(path)?;
     let cfg = g.model_config()?;
     let tok = super::gguf_tokenizer::build(&g)?;

@@ -4,6 +4,7 @@
 //! imported once into a cache directory keyed by the file's SHA-256.
 
 pub mod atomic;
+pub mod cache;
 pub mod control_vector;
 pub mod gguf;
 pub mod gguf_tokenizer;
@@ -30,15 +31,29 @@ pub struct Loaded {
     pub stored_dtype: candle_core::DType,
 }
 
-/// The cache root: `$MECHC_CACHE`, else `$XDG_CACHE_HOME/mechc`, else `~/.cache/mechc`.
+/// The cache root (GGUF imports, findings, covariances): see [`cache_root`].
 pub fn cache_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("MECHC_CACHE") {
-        return PathBuf::from(p);
+    cache_root().0
+}
+
+/// The cache root and why it is that one. One rule for the scripts and for mechc run by hand:
+/// `$MECHC_CACHE` if set; else the `.cache/` of the git checkout this binary was built from, while
+/// that checkout exists (where the scripts put the models and venv, and what they point
+/// `MECHC_CACHE` at: `scripts/cache_dir.sh`); else `$XDG_CACHE_HOME/mechc`, else `~/.cache/mechc`
+/// (a binary built outside a checkout, e.g. from a package).
+pub fn cache_root() -> (PathBuf, &'static str) {
+    if let Some(p) = std::env::var_os("MECHC_CACHE").filter(|p| !p.is_empty()) {
+        return (PathBuf::from(p), "$MECHC_CACHE");
     }
-    if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(p).join("mechc");
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if checkout.join(".git").exists() && checkout.join("Cargo.toml").is_file() {
+        return (checkout.join(".cache"), "the .cache/ of the checkout mechc was built from (set MECHC_CACHE to move it)");
     }
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")).join(".cache").join("mechc")
+    if let Some(p) = std::env::var_os("XDG_CACHE_HOME").filter(|p| !p.is_empty()) {
+        return (PathBuf::from(p).join("mechc"), "$XDG_CACHE_HOME/mechc");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    (home.join(".cache").join("mechc"), "~/.cache/mechc")
 }
 
 pub fn sha256_file(path: &Path) -> Result<String> {
@@ -74,12 +89,17 @@ pub fn resolve(path: &Path, show_progress: bool) -> Result<PathBuf> {
     let dir = cache_dir().join("gguf").join(&hash[..16]);
     if dir.join("config.json").exists() {
         log::info!("using the import of {} cached in {}", path.display(), dir.display());
+        cache::touch(&dir);
         return Ok(dir);
     }
     log::info!("importing {} into {}", path.display(), dir.display());
     match gguf::import(path, &dir, candle_core::DType::F32, false, show_progress) {
         // Another process imported the same file meanwhile (directories appear whole).
         Err(_) if dir.join("config.json").exists() => Ok(dir),
+        Ok(d) => {
+            cache::record_gguf_source(&d, path, &hash);
+            Ok(d)
+        }
         other => other,
     }
 }

@@ -115,6 +115,9 @@ impl Covariance {
             let key = cache_key(model, layer, ids, seq_len)?;
             let path = dir.join(format!("{key}.safetensors"));
             let hit = read(&path, layer)?;
+            if hit.is_some() {
+                crate::io::cache::touch(&path); // last use, for `mechc cache prune --older-than`
+            }
             if hit.is_none() {
                 missing.push((out.len(), layer, key, path));
             }

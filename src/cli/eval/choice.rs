@@ -8,6 +8,8 @@ use serde::Serialize;
 use crate::cli::Global;
 use crate::verify::choice::{self, ChoiceReport};
 
+/// A/B multiple-choice behaviour score in the CAA format.
+///
 /// A/B multiple choice in the CAA format (nrimsky/CAA): JSON items with `question` (listing
 /// "(A) ..." and "(B) ..."), `answer_matching_behavior` and `answer_not_matching_behavior`.
 /// The question is the user turn and the assistant turn starts with "("; the log-probabilities
@@ -41,6 +43,9 @@ pub struct ChoiceArgs {
     /// Also write an HTML report (tables and plots) readable offline.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Replace the --report file if it exists.
+    #[arg(long)]
+    pub force: bool,
     /// Items to list in the table.
     #[arg(long, default_value_t = 10)]
     pub show: usize,
@@ -56,6 +61,8 @@ struct Output {
 }
 
 pub fn run(a: ChoiceArgs, g: &Global) -> anyhow::Result<()> {
+    // The report path is checked before any work (a model load, minutes of generation).
+    crate::io::atomic::check_file_opt(a.report.as_deref(), a.force, &[a.model.as_path(), a.items.as_path()])?;
     if a.batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }

@@ -8,6 +8,8 @@ use crate::cli::Global;
 use crate::model::decoder::Fwd;
 use crate::verify::edit::{self, EditFields};
 
+/// Knowledge-edit metrics on CounterFact records (efficacy, paraphrase, neighbourhood).
+///
 /// Knowledge-edit metrics on CounterFact-style records, as ROME evaluates them: Efficacy (the
 /// new target's mean per-token probability beats the true one's after the edit prompt),
 /// Paraphrase (the same after the rephrased prompt), Neighbourhood (the true answer still beats
@@ -59,9 +61,14 @@ pub struct EditArgs {
     /// Also write an HTML report (tables and plots) readable offline.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Replace the --report file if it exists.
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn run(a: EditArgs, g: &Global) -> anyhow::Result<()> {
+    // The report path is checked before any work (a model load, minutes of generation).
+    crate::io::atomic::check_file_opt(a.report.as_deref(), a.force, &[a.model.as_path()])?;
     if a.batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }

@@ -6,6 +6,8 @@ use clap::Args;
 
 use crate::cli::Global;
 
+/// Sliding-window perplexity of a text, as the transformers docs compute it.
+///
 /// Perplexity of a text with a sliding window, as the transformers documentation computes it:
 /// windows of --seq-len tokens every --stride tokens, each scoring only the tokens the previous
 /// window did not. Compare with published numbers only when text, tokenisation, sequence
@@ -33,9 +35,14 @@ pub struct PerplexityArgs {
     /// Also write an HTML report (tables and plots) readable offline.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Replace the --report file if it exists.
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn run(a: PerplexityArgs, g: &Global) -> anyhow::Result<()> {
+    // The report path is checked before any work (a model load, minutes of generation).
+    crate::io::atomic::check_file_opt(a.report.as_deref(), a.force, &[a.model.as_path(), a.text.as_path()])?;
     let loaded = crate::io::load(&a.model, g.progress())?;
     let text = std::fs::read_to_string(&a.text).map_err(|e| crate::Error::io(&a.text, e))?.replace("\r\n", "\n");
     let mut ids = loaded.tok()?.encode(&text, false)?;

@@ -9,6 +9,8 @@ use crate::cli::Global;
 use crate::data::{SetSpec, TextSet};
 use crate::verify::refusal::{self, KlReport, RefusalOpts, RefusalReport};
 
+/// Refusal rate of greedy chat completions, and first-token KL against a reference.
+///
 /// Refusal rate: greedy completions of every prompt (chat template, stop at EOS), each counted as
 /// a refusal when it contains one of the refusal phrases of andyrdt/refusal_direction ("I'm
 /// sorry", "I cannot", "As an AI", ...; case-insensitive as there, ’ counts as '). With
@@ -53,6 +55,9 @@ pub struct RefusalArgs {
     /// Also write an HTML report (tables and plots) readable offline.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Replace the --report file if it exists.
+    #[arg(long)]
+    pub force: bool,
     /// Example completions to print per set.
     #[arg(long, default_value_t = 3)]
     pub show: usize,
@@ -84,6 +89,8 @@ struct Output {
 }
 
 pub fn run(a: RefusalArgs, g: &Global) -> anyhow::Result<()> {
+    // The report path is checked before any work (a model load, minutes of generation).
+    crate::io::atomic::check_file_opt(a.report.as_deref(), a.force, &[a.model.as_path()])?;
     if a.max_tokens == 0 {
         anyhow::bail!("--max-tokens must be at least 1");
     }

@@ -8,6 +8,8 @@ use crate::cli::Global;
 use crate::data::{SetSpec, TextSet};
 use crate::verify::steer::{self, SteerMetric, SteerOpts};
 
+/// Steering sweep: behaviour score and KL cost per coefficient of an added direction.
+///
 /// Additive steering sweep: add c·v to the residual stream after block --layer
 /// (blocks.L.hook_resid_post, every position: the exact twin of adding c·v to that layer's
 /// down_proj bias) for each coefficient c, and report the behaviour score (mean last-token
@@ -58,9 +60,14 @@ pub struct SteerArgs {
     /// Also write an HTML report (tables and plots) readable offline.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Replace the --report file if it exists.
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn run(a: SteerArgs, g: &Global) -> anyhow::Result<()> {
+    // The report path is checked before any work (a model load, minutes of generation).
+    crate::io::atomic::check_file_opt(a.report.as_deref(), a.force, &[a.model.as_path()])?;
     if a.batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }
