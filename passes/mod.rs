@@ -7,6 +7,7 @@
 //! the options against the model and returns the [`Pass`].
 
 pub mod bake_steering;
+pub mod common;
 pub mod prune_heads;
 pub mod prune_neurons;
 pub mod rank_one_edit;

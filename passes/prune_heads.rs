@@ -1,21 +1,19 @@
 //! prune-heads: structured removal of attention query heads (q rows, o_proj columns) and of whole
 //! kv groups (their k/v rows too) once all of a group's query heads go; GQA groups stay equal.
-//! Optional mean-ablation compensation folded into the `o_proj` bias.
+//! Optional mean-ablation compensation folded into the `o_proj` bias. Shared with
+//! `prune-neurons`: `passes/common.rs` and `model::surgery`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use candle_core::{Device, Tensor};
 use rand::{seq::SliceRandom, Rng, SeedableRng};
 use serde::Deserialize;
 
-use super::prune_neurons::{
-    add_zero_biases, calibration, check_bias_support, MeanOver, example_ids, folded, keep_cols, keep_rows, kept, lowest, mean_activations,
-    Compensate,
-};
-use super::{options, BuildCtx, Pass, PassInfo};
+use super::common::{ablate_units, example_ids, layer_list, lowest, mean_over_doc, prune_options, summary, Compensate};
+use super::{BuildCtx, Pass, PassInfo};
 use crate::error::{Error, Result};
+use crate::model::surgery::{add_zero_biases, folded, keep_cols, keep_rows, kept};
 use crate::model::{Arch, Model, Proj};
-use crate::runtime::{HookPoint, Hooks, Op};
+use crate::runtime::{HookPoint, Hooks};
 
 pub const INFO: PassInfo = PassInfo {
     name: "prune-heads",
@@ -24,7 +22,8 @@ pub const INFO: PassInfo = PassInfo {
     example,
 };
 
-const DOC: &str = "Remove attention heads: query heads (q_proj rows, o_proj columns), and a whole
+const DOC: &str = concat!(
+    "Remove attention heads: query heads (q_proj rows, o_proj columns), and a whole
 kv group (its k_proj/v_proj rows too) when all of its query heads go.
 
 Options (explicit targets, or a built-in ranking):
@@ -42,14 +41,7 @@ Options (explicit targets, or a built-in ranking):
   compensate = \"none\"      or \"mean\": add W_o · mean(z of the pruned heads) to o_proj's bias;
                            creates zero q/k/v/o biases and sets attention_bias = true if the model
                            has none (Llama; Qwen2 has no o_proj bias in HF, so it cannot)
-  mean_over = \"ids.json\"   with compensate = \"mean\": token ids to average over (a list, or a
-                           list of lists, as `mechc tokenize --file` prints), path relative to
-                           the pipeline file ...
-  mean_over_ids = [1, 2]   ... or the token ids inline ...
-  mean_over_text = \"t.raw\" ... or the first tokens of a text file (tokenized by the model's tokenizer)
-  mean_over_skip = 4096    ... after skipping this many (e.g. text the [verify] perplexity reads)
-  tokens = 512             at most this many calibration tokens (default 512)
-
+", mean_over_doc!(), "
 GQA stays valid: in every layer, the kv groups that keep any query head must keep the same
 number of them (remove the same count from every group, and/or whole groups); other patterns
 are refused. The same head counts in every layer update num_attention_heads and
@@ -82,7 +74,8 @@ Example (located by FLAP: the least important head of each kv group in layers 4 
     tokens = 1024
     [[pass]]
     name = \"prune-heads\"
-    select = { by = \"hi\", lowest = 1, per_group = true, layers = [4, 5, 6, 7] }";
+    select = { by = \"hi\", lowest = 1, per_group = true, layers = [4, 5, 6, 7] }",
+);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,25 +86,6 @@ struct Opts {
     by: Option<String>,
     #[serde(default)]
     uniform: bool,
-    #[serde(default)]
-    compensate: Compensate,
-    mean_over: Option<String>,
-    mean_over_ids: Option<Vec<u32>>,
-    mean_over_text: Option<String>,
-    mean_over_skip: Option<usize>,
-    tokens: Option<usize>,
-}
-
-impl Opts {
-    fn mean_over(&self) -> MeanOver<'_> {
-        MeanOver {
-            file: self.mean_over.as_deref(),
-            ids: self.mean_over_ids.as_deref(),
-            text: self.mean_over_text.as_deref(),
-            skip: self.mean_over_skip,
-            tokens: self.tokens,
-        }
-    }
 }
 
 /// What happens to one layer.
@@ -122,8 +96,8 @@ struct LayerPlan {
     pruned: Vec<usize>,
     keep_q: Vec<usize>,
     keep_kv: Vec<usize>,
-    /// Mean z of each pruned head ([head_dim] each), for compensate = "mean".
-    means: Vec<Vec<f32>>,
+    /// Mean z of each pruned head (head_dim values each, in `pruned` order), for compensate = "mean".
+    means: Vec<f32>,
 }
 
 struct PruneHeads {
@@ -175,7 +149,7 @@ fn plan_layer(l: usize, n_q: usize, n_kv: usize, pruned: Vec<usize>) -> Result<L
 
 fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
     let m = cx.source;
-    let o: Opts = options(t)?;
+    let (o, mean): (Opts, _) = prune_options(t)?;
     let n = m.cfg.num_layers;
     let hd = m.cfg.head_dim;
     let counts = |l: usize| (m.blocks[l].q.out_features() / hd, m.blocks[l].k.out_features() / hd);
@@ -214,19 +188,7 @@ fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
             }
         }
         (None, Some(k)) => {
-            let which: Vec<usize> = match &o.layers {
-                Some(ls) => {
-                    if let Some(&bad) = ls.iter().find(|&&l| l >= n) {
-                        return Err(Error::invalid(format!(
-                            "`layers`: layer {bad} does not exist (the model has layers 0..{})",
-                            n - 1
-                        )));
-                    }
-                    ls.iter().copied().collect::<BTreeSet<_>>().into_iter().collect()
-                }
-                None => (0..n).collect(),
-            };
-            for l in which {
+            for l in layer_list(o.layers.as_deref(), n)? {
                 let (n_q, n_kv) = counts(l);
                 let g = n_q / n_kv;
                 if k >= g {
@@ -271,18 +233,16 @@ fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
             )));
         }
     }
-    check_bias_support(m, o.compensate, "o_proj")?;
-    if let Some(seqs) = calibration(o.compensate, o.mean_over(), cx)? {
-        let points: Vec<HookPoint> = layers.keys().map(|&l| HookPoint::AttnZ(l)).collect();
-        let avg = mean_activations(m, &seqs, &points)?;
+    let points: Vec<HookPoint> = layers.keys().map(|&l| HookPoint::AttnZ(l)).collect();
+    if let Some(avg) = mean.means(cx, "o_proj", &points)? {
         for (&l, p) in layers.iter_mut() {
             let z: Vec<Vec<f32>> = avg[&HookPoint::AttnZ(l)].to_vec2()?;
-            p.means = p.pruned.iter().map(|&h| z[h].clone()).collect();
+            p.means = p.pruned.iter().flat_map(|&h| z[h].iter().copied()).collect();
         }
     }
     Ok(Box::new(PruneHeads {
         layers,
-        compensate: o.compensate == Compensate::Mean,
+        compensate: mean.compensate == Compensate::Mean,
         head_dim: hd,
     }))
 }
@@ -360,8 +320,7 @@ impl Pass for PruneHeads {
         for (&l, p) in &self.layers {
             let b = &mut m.blocks[l];
             let extra = if self.compensate {
-                let vals: Vec<f32> = p.means.iter().flatten().copied().collect();
-                Some(folded(&b.o, &head_rows(&p.pruned, hd), &vals)?)
+                Some(folded(&b.o, &head_rows(&p.pruned, hd), &p.means)?)
             } else {
                 None
             };
@@ -376,19 +335,13 @@ impl Pass for PruneHeads {
         crate::model::sync_layer_config(m);
         let uniform = !m.cfg.raw.contains_key(crate::model::config::LAYER_HEADS_KEY)
             && !m.cfg.raw.contains_key(crate::model::config::LAYER_KV_HEADS_KEY);
-        let shape = if uniform {
-            format!("{} query / {} kv heads in every layer", m.cfg.num_heads, m.cfg.num_kv_heads)
-        } else {
-            "per-layer head counts (mechc_layer_*: not loadable by stock transformers)".to_string()
-        };
-        let comp = if self.compensate {
-            ", mean folded into o_proj bias"
-        } else {
-            ""
-        };
-        Ok(format!(
-            "removed {q_removed} query heads and {kv_removed} kv heads in {} layers; {shape}{comp}",
-            self.layers.len()
+        Ok(summary(
+            &format!("{q_removed} query heads and {kv_removed} kv heads"),
+            self.layers.len(),
+            uniform.then(|| format!("{} query / {} kv heads in every layer", m.cfg.num_heads, m.cfg.num_kv_heads)),
+            "head counts",
+            "mechc_layer_*",
+            self.compensate.then_some("o_proj"),
         ))
     }
 
@@ -402,21 +355,8 @@ impl Pass for PruneHeads {
                     p.n_q
                 )));
             }
-            let mut scale = vec![1f32; p.n_q];
-            for &i in &p.pruned {
-                scale[i] = 0.0;
-            }
-            h.intervene(HookPoint::AttnZ(l), Op::Scale(scale));
-            if self.compensate {
-                let mut add = vec![0f32; p.n_q * hd];
-                for (&i, mean) in p.pruned.iter().zip(&p.means) {
-                    add[i * hd..(i + 1) * hd].copy_from_slice(mean);
-                }
-                h.intervene(
-                    HookPoint::AttnZ(l),
-                    Op::Add(Tensor::from_vec(add, (p.n_q, hd), &Device::Cpu)?),
-                );
-            }
+            let means = self.compensate.then_some(p.means.as_slice());
+            ablate_units(&mut h, HookPoint::AttnZ(l), p.n_q, &[hd], &p.pruned, means)?;
         }
         Ok(h)
     }

@@ -1,20 +1,20 @@
 //! prune-neurons: structured MLP width reduction (rows of gate/up, columns of down), uniform or
 //! per layer, with optional FLAP-style mean compensation folded into the `down_proj` bias.
-//!
-//! Also holds what `prune-heads` shares with it: calibration data for mean ablation, the means
-//! themselves, index selection on projections, and zero biases for a config flag.
+//! What it shares with `prune-heads` is in `passes/common.rs` (options, calibration, means, the
+//! twin) and `model::surgery` (slicing projections, folding means into biases).
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use candle_core::{Device, Tensor};
 use rand::{seq::SliceRandom, Rng, SeedableRng};
 use serde::Deserialize;
 
-use super::{options, BuildCtx, Pass, PassInfo};
+use super::common::{ablate_units, example_ids, layer_list, mean_over_doc, prune_options, summary};
+pub use super::common::lowest;
+use super::{BuildCtx, Pass, PassInfo};
 use crate::error::{Error, Result};
-use crate::model::decoder::Fwd;
-use crate::model::{Arch, Linear, Model, Proj};
-use crate::runtime::{Batch, HookPoint, Hooks, Op};
+use crate::model::surgery::{add_zero_biases, folded, keep_cols, keep_rows, kept};
+use crate::model::{Arch, Model, Proj};
+use crate::runtime::{HookPoint, Hooks};
 
 pub const INFO: PassInfo = PassInfo {
     name: "prune-neurons",
@@ -23,7 +23,8 @@ pub const INFO: PassInfo = PassInfo {
     example,
 };
 
-const DOC: &str = "Remove MLP neurons: rows of gate_proj/up_proj, columns of down_proj.
+const DOC: &str = concat!(
+    "Remove MLP neurons: rows of gate_proj/up_proj, columns of down_proj.
 
 Options (explicit targets, or a built-in ranking):
   neurons = { \"3\" = [1, 5, 9], \"L4\" = [0] }   neurons to remove, by layer (\"3\" or \"L3\")
@@ -42,14 +43,7 @@ Options (explicit targets, or a built-in ranking):
   compensate = \"none\"      or \"mean\": add down_proj · mean(pruned activations) to down_proj's
                            bias (FLAP-style); creates zero gate/up/down biases in every layer and
                            sets mlp_bias = true if the model has none (Llama; Qwen2 cannot)
-  mean_over = \"ids.json\"   with compensate = \"mean\": token ids to average over (a list, or a
-                           list of lists, as `mechc tokenize --file` prints), path relative to
-                           the pipeline file ...
-  mean_over_ids = [1, 2]   ... or the token ids inline ...
-  mean_over_text = \"t.raw\" ... or the first tokens of a text file (tokenized by the model's tokenizer)
-  mean_over_skip = 4096    ... after skipping this many (e.g. text the [verify] perplexity reads)
-  tokens = 512             at most this many calibration tokens (default 512)
-
+", mean_over_doc!(), "
 The same d_ff in every layer keeps HF's intermediate_size (stock checkpoint). Different widths
 per layer are written as `mechc_layer_intermediate_size` in config.json, which our loader reads
 and stock transformers cannot load. Runtime twin: scale the pruned neurons by 0 at
@@ -93,15 +87,8 @@ Example (located by FLAP, 35% per layer, mean-compensated; configs/smollm2-compr
     compensate = \"mean\"
     mean_over_text = \"../../shared/data/text/wikitext2-test.raw\"
     mean_over_skip = 4096
-    tokens = 512";
-
-#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq, Debug)]
-#[serde(rename_all = "lowercase")]
-pub(super) enum Compensate {
-    #[default]
-    None,
-    Mean,
-}
+    tokens = 512",
+);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -113,26 +100,7 @@ struct Opts {
     by: Option<String>,
     #[serde(default)]
     uniform: bool,
-    #[serde(default)]
-    compensate: Compensate,
-    mean_over: Option<String>,
-    mean_over_ids: Option<Vec<u32>>,
-    mean_over_text: Option<String>,
-    mean_over_skip: Option<usize>,
-    tokens: Option<usize>,
     seed: Option<u64>,
-}
-
-impl Opts {
-    fn mean_over(&self) -> MeanOver<'_> {
-        MeanOver {
-            file: self.mean_over.as_deref(),
-            ids: self.mean_over_ids.as_deref(),
-            text: self.mean_over_text.as_deref(),
-            skip: self.mean_over_skip,
-            tokens: self.tokens,
-        }
-    }
 }
 
 struct PruneNeurons {
@@ -160,7 +128,7 @@ fn layer_key(k: &str, n_layers: usize, option: &str) -> Result<usize> {
 
 fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
     let m = cx.source;
-    let o: Opts = options(t)?;
+    let (o, mean): (Opts, _) = prune_options(t)?;
     let n = m.cfg.num_layers;
     let d_ff = |l: usize| m.blocks[l].gate.out_features();
     let mut layers: BTreeMap<usize, (usize, Vec<usize>)> = BTreeMap::new();
@@ -202,22 +170,7 @@ fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
             }
         }
         None => {
-            let which = match &o.layers {
-                Some(ls) => {
-                    let mut ls = ls.clone();
-                    ls.sort_unstable();
-                    ls.dedup();
-                    if let Some(&bad) = ls.iter().find(|&&l| l >= n) {
-                        return Err(Error::invalid(format!(
-                            "`layers`: layer {bad} does not exist (the model has layers 0..{})",
-                            n - 1
-                        )));
-                    }
-                    ls
-                }
-                None => (0..n).collect(),
-            };
-            for l in which {
+            for l in layer_list(o.layers.as_deref(), n)? {
                 let f = d_ff(l);
                 let k = match (o.count, o.fraction) {
                     (Some(c), None) => c,
@@ -265,13 +218,10 @@ fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
             )));
         }
     }
-    check_bias_support(m, o.compensate, "down_proj")?;
-    let calib = calibration(o.compensate, o.mean_over(), cx)?;
-    let means = match calib {
+    let points: Vec<HookPoint> = layers.keys().map(|&l| HookPoint::MlpPost(l)).collect();
+    let means = match mean.means(cx, "down_proj", &points)? {
         None => None,
-        Some(seqs) => {
-            let points: Vec<HookPoint> = layers.keys().map(|&l| HookPoint::MlpPost(l)).collect();
-            let avg = mean_activations(m, &seqs, &points)?;
+        Some(avg) => {
             let mut means = BTreeMap::new();
             for (&l, (_, list)) in &layers {
                 let v: Vec<f32> = avg[&HookPoint::MlpPost(l)].to_vec1()?;
@@ -290,197 +240,6 @@ pub fn neuron_scores(m: &Model, l: usize) -> Result<Vec<f32>> {
     let u = b.up.w().sqr()?.sum(1)?.sqrt()?;
     let d = b.down.w().sqr()?.sum(0)?.sqrt()?;
     Ok(((g * u)? * d)?.to_vec1()?)
-}
-
-/// Indices of the `k` lowest scores (ties: lower index first), sorted.
-pub fn lowest(scores: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..scores.len()).collect();
-    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
-    let mut v = idx[..k.min(idx.len())].to_vec();
-    v.sort_unstable();
-    v
-}
-
-/// The calibration sequences for compensate = "mean" (None without compensation).
-/// Where compensate = "mean" takes its calibration tokens from (the options of both prune passes).
-pub(super) struct MeanOver<'a> {
-    pub file: Option<&'a str>,
-    pub ids: Option<&'a [u32]>,
-    pub text: Option<&'a str>,
-    pub skip: Option<usize>,
-    pub tokens: Option<usize>,
-}
-
-pub(super) fn calibration(c: Compensate, o: MeanOver, cx: &BuildCtx) -> Result<Option<Vec<Vec<u32>>>> {
-    let m = cx.source;
-    let MeanOver { file, ids: inline, text, skip, tokens } = o;
-    if c == Compensate::None {
-        if file.is_some() || inline.is_some() || text.is_some() || skip.is_some() || tokens.is_some() {
-            return Err(Error::invalid(
-                "`mean_over`/`mean_over_ids`/`mean_over_text`/`mean_over_skip`/`tokens` are only used with compensate = \"mean\"",
-            ));
-        }
-        return Ok(None);
-    }
-    if skip.is_some() && text.is_none() {
-        return Err(Error::invalid("`mean_over_skip` applies to `mean_over_text`"));
-    }
-    let seqs: Vec<Vec<u32>> = match (file, inline, text) {
-        (None, None, None) => {
-            return Err(Error::invalid(
-                "compensate = \"mean\" needs calibration tokens: `mean_over = \"ids.json\"`, `mean_over_ids` or `mean_over_text = \"text.raw\"`",
-            ))
-        }
-        (None, Some(ids), None) => vec![ids.to_vec()],
-        (None, None, Some(path)) => {
-            let tok = cx.tok.ok_or_else(|| Error::invalid("`mean_over_text` needs the model's tokenizer (this model has none)"))?;
-            let skip = skip.unwrap_or(0);
-            let mut ids = crate::locate::text_ids(tok, &cx.path(path), skip + tokens.unwrap_or(512))?;
-            if skip >= ids.len() {
-                return Err(Error::invalid(format!("`mean_over_skip` = {skip}: {path} has only {} tokens", ids.len())));
-            }
-            ids.drain(..skip);
-            vec![ids]
-        }
-        (Some(path), None, None) => {
-            let bad = |msg: String| Error::invalid(format!("`mean_over`: {path}: {msg}"));
-            let text = std::fs::read_to_string(cx.path(path)).map_err(|e| bad(e.to_string()))?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
-            let ids = |v: &serde_json::Value| -> Option<Vec<u32>> {
-                v.as_array()?
-                    .iter()
-                    .map(|x| x.as_u64().filter(|&i| i <= u32::MAX as u64).map(|i| i as u32))
-                    .collect()
-            };
-            match v.as_array() {
-                Some(a) if a.iter().all(|x| x.is_array()) => a.iter().map(ids).collect::<Option<_>>(),
-                _ => ids(&v).map(|s| vec![s]),
-            }
-            .ok_or_else(|| bad("expected a list of token ids or a list of such lists".into()))?
-        }
-        _ => return Err(Error::invalid("give one of `mean_over`, `mean_over_ids`, `mean_over_text`, not several")),
-    };
-    let option = if file.is_some() { "mean_over" } else if text.is_some() { "mean_over_text" } else { "mean_over_ids" };
-    let vocab = m.cfg.vocab_size as u32;
-    if let Some(&bad) = seqs.iter().flatten().find(|&&i| i >= vocab) {
-        return Err(Error::invalid(format!(
-            "`{option}`: token id {bad} is outside the vocabulary ({vocab})"
-        )));
-    }
-    let mut budget = tokens.unwrap_or(512);
-    if budget == 0 {
-        return Err(Error::invalid("`tokens` must be positive"));
-    }
-    let mut out = vec![];
-    for s in seqs {
-        if budget == 0 {
-            break;
-        }
-        let take = s.len().min(budget);
-        budget -= take;
-        // Chunks of at most 256 tokens keep the attention matrices small.
-        out.extend(s[..take].chunks(256).map(|c| c.to_vec()));
-    }
-    out.retain(|s| !s.is_empty());
-    if out.is_empty() {
-        return Err(Error::invalid(format!("`{option}`: no calibration tokens")));
-    }
-    Ok(Some(out))
-}
-
-/// Mean of each hook's activation over every position of every sequence (shape without [b, t]).
-pub(super) fn mean_activations(m: &Model, seqs: &[Vec<u32>], points: &[HookPoint]) -> Result<BTreeMap<HookPoint, Tensor>> {
-    let mut sums: BTreeMap<HookPoint, Tensor> = BTreeMap::new();
-    let mut n = 0usize;
-    for s in seqs {
-        let mut h = Hooks::new();
-        for &p in points {
-            h.capture(p);
-        }
-        m.forward(&Batch::single(s), None, &mut h, Fwd::default())?;
-        n += s.len();
-        for &p in points {
-            let a = h.captured[&p].sum(0)?.sum(0)?;
-            let acc = match sums.remove(&p) {
-                Some(prev) => (prev + a)?,
-                None => a,
-            };
-            sums.insert(p, acc);
-        }
-    }
-    sums.into_iter().map(|(p, s)| Ok((p, (s / n as f64)?))).collect()
-}
-
-/// Keep these rows (output features) of a projection, bias included.
-pub(super) fn keep_rows(lin: &Linear, keep: &[usize]) -> Result<Linear> {
-    let idx = index(keep)?;
-    let b = lin.b.as_ref().map(|b| b.index_select(&idx, 0)).transpose()?;
-    Linear::new(&lin.w().index_select(&idx, 0)?, b)
-}
-
-/// Keep these columns (input features) of a projection; add `extra` to its bias (created if absent).
-pub(super) fn keep_cols(lin: &Linear, keep: &[usize], extra: Option<&Tensor>) -> Result<Linear> {
-    let w = lin.w().index_select(&index(keep)?, 1)?;
-    let b = match (&lin.b, extra) {
-        (b, None) => b.clone(),
-        (Some(b), Some(e)) => Some((b + e)?),
-        (None, Some(e)) => Some(e.clone()),
-    };
-    Linear::new(&w, b)
-}
-
-/// W[:, cols] · values: what the removed input features `cols`, held at `values`, contribute.
-pub(super) fn folded(lin: &Linear, cols: &[usize], values: &[f32]) -> Result<Tensor> {
-    let w = lin.w().index_select(&index(cols)?, 1)?;
-    let v = Tensor::from_slice(values, (values.len(), 1), &Device::Cpu)?;
-    Ok(w.matmul(&v)?.squeeze(1)?)
-}
-
-pub(super) fn index(v: &[usize]) -> Result<Tensor> {
-    Ok(Tensor::from_vec(
-        v.iter().map(|&i| i as u32).collect::<Vec<u32>>(),
-        v.len(),
-        &Device::Cpu,
-    )?)
-}
-
-/// Complement of sorted `removed` in 0..n.
-pub(super) fn kept(n: usize, removed: &[usize]) -> Vec<usize> {
-    (0..n).filter(|i| removed.binary_search(i).is_err()).collect()
-}
-
-/// Give every projection in `projs` of every layer a zero bias where it has none (so a config
-/// flag such as `mlp_bias` can be switched on and the checkpoint stays consistent).
-pub(super) fn add_zero_biases(m: &mut Model, projs: &[Proj]) -> Result<()> {
-    for b in &mut m.blocks {
-        for &p in projs {
-            let lin = b.proj_mut(p);
-            if lin.b.is_none() {
-                lin.b = Some(Tensor::zeros(lin.out_features(), candle_core::DType::F32, &Device::Cpu)?);
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Check that compensation has a bias to go into under this architecture's HF config.
-pub(super) fn check_bias_support(m: &Model, c: Compensate, what: &str) -> Result<()> {
-    if c == Compensate::Mean && m.cfg.arch == Arch::Qwen2 {
-        return Err(Error::invalid(format!(
-            "compensate = \"mean\" needs a {what} bias, which HF's Qwen2 does not have (use compensate = \"none\")"
-        )));
-    }
-    Ok(())
-}
-
-/// Random calibration ids for the examples (the property tests need no files).
-pub(super) fn example_ids(m: &Model, r: &mut impl Rng) -> toml::Value {
-    let n = r.gen_range(1..=12);
-    toml::Value::Array(
-        (0..n)
-            .map(|_| toml::Value::Integer(r.gen_range(0..m.cfg.vocab_size) as i64))
-            .collect(),
-    )
 }
 
 fn example(m: &Model, seed: u64) -> Option<toml::Table> {
@@ -553,19 +312,13 @@ impl Pass for PruneNeurons {
         }
         crate::model::sync_layer_config(m);
         let widths: BTreeSet<usize> = m.blocks.iter().map(|b| b.gate.out_features()).collect();
-        let shape = if widths.len() == 1 {
-            format!("d_ff {} in every layer", m.cfg.intermediate_size)
-        } else {
-            "per-layer d_ff (mechc_layer_intermediate_size: not loadable by stock transformers)".to_string()
-        };
-        let comp = if self.means.is_some() {
-            ", mean folded into down_proj bias"
-        } else {
-            ""
-        };
-        Ok(format!(
-            "removed {removed} neurons in {} layers; {shape}{comp}",
-            self.layers.len()
+        Ok(summary(
+            &format!("{removed} neurons"),
+            self.layers.len(),
+            (widths.len() == 1).then(|| format!("d_ff {} in every layer", m.cfg.intermediate_size)),
+            "d_ff",
+            "mechc_layer_intermediate_size",
+            self.means.is_some().then_some("down_proj"),
         ))
     }
 
@@ -577,18 +330,8 @@ impl Pass for PruneNeurons {
                     "prune-neurons: layer {l} of this model does not have {f} neurons"
                 )));
             }
-            let mut scale = vec![1f32; *f];
-            for &i in list {
-                scale[i] = 0.0;
-            }
-            h.intervene(HookPoint::MlpPost(l), Op::Scale(scale));
-            if let Some(means) = &self.means {
-                let mut add = vec![0f32; *f];
-                for (&i, &v) in list.iter().zip(&means[&l]) {
-                    add[i] = v;
-                }
-                h.intervene(HookPoint::MlpPost(l), Op::Add(Tensor::from_vec(add, *f, &Device::Cpu)?));
-            }
+            let means = self.means.as_ref().map(|means| means[&l].as_slice());
+            ablate_units(&mut h, HookPoint::MlpPost(l), *f, &[], list, means)?;
         }
         Ok(h)
     }

@@ -11,6 +11,7 @@ pub mod norm;
 pub mod qwen2;
 pub mod random;
 pub mod rope;
+pub mod surgery;
 pub mod swiglu;
 pub mod verifier;
 
