@@ -15,12 +15,7 @@ use crate::model::surgery::{add_zero_biases, folded, keep_cols, keep_rows, kept}
 use crate::model::{Arch, Model, Proj};
 use crate::runtime::{HookPoint, Hooks};
 
-pub const INFO: PassInfo = PassInfo {
-    name: "prune-heads",
-    doc: DOC,
-    build,
-    example,
-};
+pub const INFO: PassInfo = PassInfo { name: "prune-heads", doc: DOC, build, example };
 
 const DOC: &str = concat!(
     "Remove attention heads: query heads (q_proj rows, o_proj columns), and a whole

@@ -16,12 +16,7 @@ use crate::model::surgery::{add_zero_biases, folded, keep_cols, keep_rows, kept}
 use crate::model::{Arch, Model, Proj};
 use crate::runtime::{HookPoint, Hooks};
 
-pub const INFO: PassInfo = PassInfo {
-    name: "prune-neurons",
-    doc: DOC,
-    build,
-    example,
-};
+pub const INFO: PassInfo = PassInfo { name: "prune-neurons", doc: DOC, build, example };
 
 const DOC: &str = concat!(
     "Remove MLP neurons: rows of gate_proj/up_proj, columns of down_proj.
