@@ -142,7 +142,7 @@ fn check(path: &Path, bless: bool) -> Result<(), String> {
     let pass = (info.build)(&opts, &cx).map_err(|e| format!("building {name}: {e}"))?;
     let mut out = model.clone();
     pass.run(&mut out).map_err(|e| format!("running {name}: {e}"))?;
-    mechc::compile::verifier::check(&out).map_err(|e| format!("the verifier rejects {name}'s output: {e}"))?;
+    mechc::model::verifier::check(&out).map_err(|e| format!("the verifier rejects {name}'s output: {e}"))?;
     let got = Ir::from_model(&out).to_text();
     if got == fx.expect {
         return Ok(());
