@@ -119,7 +119,7 @@ pub const SOURCE_FILE: &str = "mechc-cache.json";
 
 /// Record in a fresh cache import which file it came from (for `mechc cache`); best effort.
 pub fn record_gguf_source(dir: &Path, source: &Path, sha256: &str) {
-    let abs = std::path::absolute(source).unwrap_or_else(|_| source.to_path_buf());
+    let abs = source.canonicalize().or_else(|_| std::path::absolute(source)).unwrap_or_else(|_| source.to_path_buf());
     let v = serde_json::json!({"kind": "gguf", "source": abs.display().to_string(), "sha256": sha256});
     let _ = super::atomic::write_file(&dir.join(SOURCE_FILE), format!("{v}\n").as_bytes());
 }
