@@ -522,14 +522,8 @@ mod tests {
         s.parse().unwrap()
     }
 
-    /// As the compile driver builds a pass: `coeff = "auto"` resolved by `search::extract`
-    /// (which checks the `auto` table), the pass built with the search's placeholder.
     fn err(m: &Model, s: &str) -> String {
-        let (t, cx) = (table(s), BuildCtx::new(m));
-        let r = crate::search::extract("bake-steering", &t, &cx).and_then(|found| match found {
-            Some(search) => build(&search.placeholder_options(), &cx).map(|_| ()),
-            None => build(&t, &cx).map(|_| ()),
-        });
+        let r = build(&table(s), &BuildCtx::new(m)).map(|_| ());
         match r {
             Ok(_) => panic!("{s} should fail"),
             Err(e) => e.to_string(),
@@ -556,9 +550,6 @@ mod tests {
         assert!(err(&m, "mode = \"add\"\ndirection = [1.0]\nlayer = 0\ncoeff = 1").contains("has 1 values"));
         assert!(err(&m, &format!("mode = \"add\"\ndirection = {dir}\ncoeff = 1")).contains("`layer`"));
         assert!(err(&m, &format!("mode = \"add\"\ndirection = {dir}\nlayer = 0")).contains("`coeff`"));
-        assert!(err(&m, &format!("mode = \"add\"\ndirection = {dir}\nlayer = 0\ncoeff = \"auto\"")).contains("needs an `auto` table"));
-        assert!(err(&m, &format!("mode = \"add\"\ndirection = {dir}\nlayer = 0\ncoeff = 1\nauto = {{ max_kl = 1, kl_prompts = \"p\", range = [0, 1] }}")).contains("only with coeff"));
-        assert!(err(&m, &format!("mode = \"add\"\ndirection = {dir}\nlayer = 0\ncoeff = \"auto\"\nauto = {{ max_kl = 1, kl_prompts = \"p\", range = [-1, 1] }}")).contains("crosses 0"));
         assert!(err(&m, &format!("mode = \"add\"\ndirection = {dir}\nlayer = 99\ncoeff = 1")).contains("`layer` = 99"));
         assert!(err(&m, &format!("mode = \"ablate\"\ndirection = {dir}\nlayer = 1")).contains("`layer` does not apply"));
         assert!(err(

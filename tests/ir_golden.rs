@@ -14,7 +14,8 @@
 use std::path::{Path, PathBuf};
 
 use mechc::ir::Ir;
-use mechc::model::random::{random_model, random_model_for_ir, RandomSpec};
+use mechc::ir::random::random_model_for_ir;
+use mechc::model::random::{random_model, RandomSpec};
 use mechc::passes::{self, BuildCtx};
 use mechc::tokenizer::Tok;
 

@@ -30,6 +30,7 @@
 //! config, so pruned models (different head counts or d_ff per layer) are described right.
 
 pub mod findings;
+pub mod random;
 
 use std::fmt;
 use std::str::FromStr;

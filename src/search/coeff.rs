@@ -394,4 +394,33 @@ mod tests {
         assert_eq!((r.value, r.bracket), (5.0, None));
         assert!(spec(1.0, (-1.0, 1.0)).validate().unwrap_err().to_string().contains("crosses 0"));
     }
+
+    /// `coeff = "auto"` as the compile driver resolves it: `extract` checks the `auto` table, then
+    /// the pass is built with the search's placeholder. Errors name the option.
+    #[test]
+    fn bad_auto_tables_name_the_option() {
+        use crate::model::random::{random_model, RandomSpec};
+        use crate::passes::BuildCtx;
+        let m = (0..)
+            .map(RandomSpec::from_seed)
+            .find(|s| s.arch == crate::model::Arch::Llama && s.config().num_layers >= 2)
+            .map(|s| random_model(s.config(), 0).unwrap())
+            .unwrap();
+        let err = |m: &crate::model::Model, s: &str| -> String {
+            let (t, cx) = (s.parse::<toml::Table>().unwrap(), BuildCtx::new(m));
+            let info = crate::passes::find("bake-steering").unwrap();
+            let r = crate::search::extract("bake-steering", &t, &cx).and_then(|found| match found {
+                Some(search) => (info.build)(&search.placeholder_options(), &cx).map(|_| ()),
+                None => (info.build)(&t, &cx).map(|_| ()),
+            });
+            match r {
+                Ok(_) => panic!("{s} should fail"),
+                Err(e) => e.to_string(),
+            }
+        };
+        let dir = format!("[{}]", vec!["0.5"; m.cfg.hidden_size].join(", "));
+        assert!(err(&m, &format!("mode = \"add\"\ndirection = {dir}\nlayer = 0\ncoeff = \"auto\"")).contains("needs an `auto` table"));
+        assert!(err(&m, &format!("mode = \"add\"\ndirection = {dir}\nlayer = 0\ncoeff = 1\nauto = {{ max_kl = 1, kl_prompts = \"p\", range = [0, 1] }}")).contains("only with coeff"));
+        assert!(err(&m, &format!("mode = \"add\"\ndirection = {dir}\nlayer = 0\ncoeff = \"auto\"\nauto = {{ max_kl = 1, kl_prompts = \"p\", range = [-1, 1] }}")).contains("crosses 0"));
+    }
 }
