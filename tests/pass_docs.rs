@@ -156,16 +156,15 @@ fn every_pass_doc_has_examples_that_build() {
     let m = model(tok.as_ref().map_or(64, |t| t.vocab_size()));
     let ir = Ir::from_model(&m);
     let tmp = tempfile::tempdir().unwrap();
+    let steering_files = tmp.path().join("steering");
+    std::fs::create_dir_all(&steering_files).unwrap();
+    let v: Vec<f32> = (0..m.cfg.hidden_size).map(|i| i as f32 - 3.0).collect();
+    mechc::io::st::write(&steering_files.join("refusal_dir.safetensors"), &[("v".to_string(), Tensor::new(v, &Device::Cpu).unwrap())], &Default::default()).unwrap();
+    std::fs::write(steering_files.join("harmless.json"), r#"[{"instruction": "Name a colour."}, {"instruction": "Count to three."}]"#).unwrap();
+    std::fs::write(steering_files.join("happy_sad.json"), r#"["I feel wonderful today.", "Everything is grey."]"#).unwrap();
     let mut checked = 0;
     for p in REGISTRY {
         let ex = examples(p.doc);
-        if p.name == "bake-steering" {
-            // Its examples name a vectors file, a d_model-sized inline vector and coeff = "auto"
-            // (resolved by the compile driver's search, not by `build`): not built here yet.
-            assert!(!ex.is_empty(), "`mechc passes bake-steering` shows no `Example:` block");
-            eprintln!("TODO: bake-steering's {} examples are only checked to exist, not built", ex.len());
-            continue;
-        }
         assert!(!ex.is_empty(), "`mechc passes {}` shows no `Example:` block", p.name);
         for (head, body) in &ex {
             let what = format!("{} {head}\n{body}", p.name);
@@ -206,7 +205,23 @@ fn every_pass_doc_has_examples_that_build() {
                     eprintln!("SKIPPED: {} is missing (its tokenizer builds rank-one-edit)", stories.display());
                     continue;
                 }
-                let cx = BuildCtx { source: &m, base_dir: &configs, tok: tok.as_ref(), progress: false };
+                let mut opts = opts;
+                // bake-steering's examples name files of their own (made here) and an inline vector
+                // of d_model numbers (a few shown; cycled here to the model's width).
+                let base = if p.name == "bake-steering" { &steering_files } else { &configs };
+                if let Some(toml::Value::Array(v)) = opts.get_mut("direction") {
+                    *v = v.iter().cycle().take(m.cfg.hidden_size).cloned().collect();
+                }
+                let cx = BuildCtx { source: &m, base_dir: base, tok: tok.as_ref(), progress: false };
+                // A searched option (coeff = "auto") is resolved by the compile driver's search:
+                // build the pass as the plan does, at the search's placeholder value.
+                if let Some(search) = mechc::search::extract(p.name, &opts, &cx).unwrap_or_else(|e| panic!("the search does not build: {e}\n{what}")) {
+                    if tok.is_none() {
+                        eprintln!("SKIPPED: {} is missing (its tokenizer reads the search's prompts)", stories.display());
+                        continue;
+                    }
+                    opts = search.placeholder_options();
+                }
                 let pass = (p.build)(&opts, &cx).unwrap_or_else(|e| panic!("does not build: {e}\n{what}"));
                 // The structural passes are cheap: run them too and check the shape changed.
                 if matches!(p.name, "skip-layers" | "prune-heads" | "prune-neurons") {

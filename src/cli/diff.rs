@@ -50,20 +50,12 @@ pub struct DiffArgs {
     /// Length of those continuations, in tokens.
     #[arg(long, default_value_t = 24)]
     pub gen_tokens: usize,
-    /// Machine-readable output (everything, including per-prompt numbers).
-    #[arg(long)]
-    pub json: bool,
-    /// Also write an HTML report (tables and a KL histogram) readable offline.
-    #[arg(long)]
-    pub report: Option<PathBuf>,
-    /// Replace the --report file if it exists.
-    #[arg(long)]
-    pub force: bool,
+    #[command(flatten)]
+    pub out: crate::cli::ReportArgs,
 }
 
 pub fn run(a: DiffArgs, g: &Global) -> anyhow::Result<()> {
-    // The report path is checked before any work (a model load, minutes of generation).
-    crate::io::atomic::check_file_opt(a.report.as_deref(), a.force, &[a.model_a.as_path(), a.model_b.as_path()])?;
+    a.out.check(&[a.model_a.as_path(), a.model_b.as_path()])?;
     if a.prompts.is_none() && a.text.is_none() {
         anyhow::bail!("give --prompts FILE[:FIELD] and/or --text FILE to compare on");
     }
@@ -116,10 +108,10 @@ pub fn run(a: DiffArgs, g: &Global) -> anyhow::Result<()> {
             "sha256": prompts.as_ref().map(|s| s.sha256.clone()), "chat": a.chat, "result": d})),
         "text": text_diff.as_ref().map(|d| json!({"file": a.text, "result": d})),
     });
-    if let Some(path) = &a.report {
+    if let Some(path) = &a.out.report {
         crate::verify::report::diff(path, &sides, prompts_diff.as_ref(), text_diff.as_ref())?;
     }
-    if a.json {
+    if a.out.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         print!("{}", human(&sides, prompts_diff.as_ref(), text_diff.as_ref(), a.chat));

@@ -49,6 +49,28 @@ impl Global {
     }
 }
 
+/// The outputs every evaluating command shares: JSON on stdout, an HTML report file.
+#[derive(Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// Machine-readable output (JSON on stdout, everything including per-item numbers).
+    #[arg(long)]
+    pub json: bool,
+    /// Also write an HTML report (tables and plots) readable offline.
+    #[arg(long)]
+    pub report: Option<std::path::PathBuf>,
+    /// Replace the --report file if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl ReportArgs {
+    /// Check the report path before any work (a model load, minutes of generation): it must not
+    /// exist (unless --force) and must not be one of the `inputs`.
+    pub fn check(&self, inputs: &[&std::path::Path]) -> crate::Result<()> {
+        crate::io::atomic::check_file_opt(self.report.as_deref(), self.force, inputs)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     Import(import::ImportArgs),

@@ -92,6 +92,20 @@ impl Plan {
     /// their findings, build every pass (unknown names and bad options fail here, before the
     /// passes run). `say` reports the locate steps.
     pub fn new(file: PipelineFile, out: Option<PathBuf>, force: bool, loaded: &crate::io::Loaded, progress: bool, say: &dyn Fn(String)) -> Result<Plan> {
+        let prepared = locate_steps::prepare(&file)?;
+        Plan::with_steps(file, prepared, out, force, loaded, progress, say)
+    }
+
+    /// [`Plan::new`] with the `[[locate]]` steps already parsed and checked.
+    fn with_steps(
+        file: PipelineFile,
+        prepared: locate_steps::Prepared,
+        out: Option<PathBuf>,
+        force: bool,
+        loaded: &crate::io::Loaded,
+        progress: bool,
+        say: &dyn Fn(String),
+    ) -> Result<Plan> {
         let (source, source_dtype) = (&loaded.model, loaded.stored_dtype);
         let p = &file.pipeline;
         let out = output_path(&file, out.as_deref())?;
@@ -115,7 +129,6 @@ impl Plan {
             })?;
         }
         let source_path = file.resolve(&p.model.path);
-        let prepared = locate_steps::prepare(&file)?;
         let steps = if prepared.is_empty() {
             vec![]
         } else {
@@ -393,13 +406,13 @@ pub fn compile(file: PipelineFile, req: &Request, obs: &mut dyn Observer) -> std
     if !req.dry_run && target.exists() && !req.force {
         return Err(Error::output(&target, "already exists (pass --force to replace it)").into());
     }
-    locate_steps::prepare(&file)?;
+    let prepared = locate_steps::prepare(&file)?;
     let source_path = file.resolve(&file.pipeline.model.path);
     let loaded = crate::io::load(&source_path, req.progress)?;
     obs.say(format!("source {} ({:.2}M parameters)", file.pipeline.model.path.display(), loaded.model.param_count() as f64 / 1e6));
     let plan = {
         let say = |s: String| obs.say(s);
-        Plan::new(file, Some(target.clone()), req.force, &loaded, req.progress, &say)?
+        Plan::with_steps(file, prepared, Some(target.clone()), req.force, &loaded, req.progress, &say)?
     };
     obs.source(&loaded.model);
     let (compiled, records) = plan.run_passes(&loaded.model, |r, m| obs.pass(r, m))?;

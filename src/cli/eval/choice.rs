@@ -37,15 +37,8 @@ pub struct ChoiceArgs {
     /// splits "(" from the letter, meaningful where it merges them (Qwen2).
     #[arg(long)]
     pub joint: bool,
-    /// Machine-readable output (every item included).
-    #[arg(long)]
-    pub json: bool,
-    /// Also write an HTML report (tables and plots) readable offline.
-    #[arg(long)]
-    pub report: Option<PathBuf>,
-    /// Replace the --report file if it exists.
-    #[arg(long)]
-    pub force: bool,
+    #[command(flatten)]
+    pub out: crate::cli::ReportArgs,
     /// Items to list in the table.
     #[arg(long, default_value_t = 10)]
     pub show: usize,
@@ -61,8 +54,7 @@ struct Output {
 }
 
 pub fn run(a: ChoiceArgs, g: &Global) -> anyhow::Result<()> {
-    // The report path is checked before any work (a model load, minutes of generation).
-    crate::io::atomic::check_file_opt(a.report.as_deref(), a.force, &[a.model.as_path(), a.items.as_path()])?;
+    a.out.check(&[a.model.as_path(), a.items.as_path()])?;
     if a.batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }
@@ -77,12 +69,12 @@ pub fn run(a: ChoiceArgs, g: &Global) -> anyhow::Result<()> {
             report.mean_letter_mass
         );
     }
-    if let Some(path) = &a.report {
+    if let Some(path) = &a.out.report {
         let mut rep = crate::report::Report::new(&format!("mechc eval choice: {}", a.model.display()));
         crate::verify::report::choice(&mut rep, &report)?;
         rep.write(path)?;
     }
-    if a.json {
+    if a.out.json {
         let out = Output { model: a.model.display().to_string(), items_file: a.items.display().to_string(), sha256, report };
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {

@@ -15,7 +15,8 @@ use crate::verify::edit::{self, EditFields};
 /// Paraphrase (the same after the rephrased prompt), Neighbourhood (the true answer still beats
 /// the new target on a neighbouring subject's prompt), their magnitudes (probability
 /// differences) and Score (harmonic mean of the three rates). With --source, also the source
-/// model's numbers and the change.
+/// model's numbers and the change. --json prints {"model": report, "source": report|null,
+/// "delta": delta|null}.
 #[derive(Args, Debug)]
 pub struct EditArgs {
     /// HF model directory or .gguf file (e.g. the edited model).
@@ -55,20 +56,12 @@ pub struct EditArgs {
     pub locality_prompt_field: String,
     #[arg(long, default_value = "locality_ground_truth")]
     pub locality_true_field: String,
-    /// Machine-readable output: {"model": report, "source": report|null, "delta": delta|null}.
-    #[arg(long)]
-    pub json: bool,
-    /// Also write an HTML report (tables and plots) readable offline.
-    #[arg(long)]
-    pub report: Option<PathBuf>,
-    /// Replace the --report file if it exists.
-    #[arg(long)]
-    pub force: bool,
+    #[command(flatten)]
+    pub out: crate::cli::ReportArgs,
 }
 
 pub fn run(a: EditArgs, g: &Global) -> anyhow::Result<()> {
-    // The report path is checked before any work (a model load, minutes of generation).
-    crate::io::atomic::check_file_opt(a.report.as_deref(), a.force, &[a.model.as_path()])?;
+    a.out.check(&[a.model.as_path()])?;
     if a.batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }
@@ -102,12 +95,12 @@ pub fn run(a: EditArgs, g: &Global) -> anyhow::Result<()> {
         }
         None => None,
     };
-    if let Some(path) = &a.report {
+    if let Some(path) = &a.out.report {
         let mut rep = crate::report::Report::new(&format!("mechc eval edit: {}", a.model.display()));
         crate::verify::report::edit(&mut rep, &report, source.as_ref().map(|(r, d)| (r, d)))?;
         rep.write(path)?;
     }
-    if a.json {
+    if a.out.json {
         let out = serde_json::json!({
             "model": report,
             "source": source.as_ref().map(|s| &s.0),

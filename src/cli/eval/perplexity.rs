@@ -29,20 +29,12 @@ pub struct PerplexityArgs {
     /// Distance between window starts (default: --seq-len, i.e. disjoint windows).
     #[arg(long)]
     pub stride: Option<usize>,
-    /// Machine-readable output.
-    #[arg(long)]
-    pub json: bool,
-    /// Also write an HTML report (tables and plots) readable offline.
-    #[arg(long)]
-    pub report: Option<PathBuf>,
-    /// Replace the --report file if it exists.
-    #[arg(long)]
-    pub force: bool,
+    #[command(flatten)]
+    pub out: crate::cli::ReportArgs,
 }
 
 pub fn run(a: PerplexityArgs, g: &Global) -> anyhow::Result<()> {
-    // The report path is checked before any work (a model load, minutes of generation).
-    crate::io::atomic::check_file_opt(a.report.as_deref(), a.force, &[a.model.as_path(), a.text.as_path()])?;
+    a.out.check(&[a.model.as_path(), a.text.as_path()])?;
     let loaded = crate::io::load(&a.model, g.progress())?;
     let text = std::fs::read_to_string(&a.text).map_err(|e| crate::Error::io(&a.text, e))?.replace("\r\n", "\n");
     let mut ids = loaded.tok()?.encode(&text, false)?;
@@ -56,12 +48,12 @@ pub fn run(a: PerplexityArgs, g: &Global) -> anyhow::Result<()> {
         bar.set_position(i as u64);
     })?;
     bar.finish_and_clear();
-    if let Some(path) = &a.report {
+    if let Some(path) = &a.out.report {
         let mut rep = crate::report::Report::new(&format!("mechc eval perplexity: {}", a.model.display()));
         crate::verify::report::perplexity(&mut rep, &r);
         rep.write(path)?;
     }
-    if a.json {
+    if a.out.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(

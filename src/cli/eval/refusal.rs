@@ -49,15 +49,8 @@ pub struct RefusalArgs {
     /// Feed the prompts as plain text instead of a chat user turn.
     #[arg(long)]
     pub no_chat: bool,
-    /// Machine-readable output (every completion included).
-    #[arg(long)]
-    pub json: bool,
-    /// Also write an HTML report (tables and plots) readable offline.
-    #[arg(long)]
-    pub report: Option<PathBuf>,
-    /// Replace the --report file if it exists.
-    #[arg(long)]
-    pub force: bool,
+    #[command(flatten)]
+    pub out: crate::cli::ReportArgs,
     /// Example completions to print per set.
     #[arg(long, default_value_t = 3)]
     pub show: usize,
@@ -89,8 +82,7 @@ struct Output {
 }
 
 pub fn run(a: RefusalArgs, g: &Global) -> anyhow::Result<()> {
-    // The report path is checked before any work (a model load, minutes of generation).
-    crate::io::atomic::check_file_opt(a.report.as_deref(), a.force, &[a.model.as_path()])?;
+    a.out.check(&[a.model.as_path()])?;
     if a.max_tokens == 0 {
         anyhow::bail!("--max-tokens must be at least 1");
     }
@@ -138,7 +130,7 @@ pub fn run(a: RefusalArgs, g: &Global) -> anyhow::Result<()> {
         }
     };
 
-    if let Some(path) = &a.report {
+    if let Some(path) = &a.out.report {
         let mut rep = crate::report::Report::new(&format!("mechc eval refusal: {}", a.model.display()));
         let mut sets = vec![("prompts", &main.report)];
         if let Some(b) = &benign {
@@ -147,7 +139,7 @@ pub fn run(a: RefusalArgs, g: &Global) -> anyhow::Result<()> {
         crate::verify::report::refusal(&mut rep, &sets, kl.as_ref().map(|(_, k)| &k.report))?;
         rep.write(path)?;
     }
-    if a.json {
+    if a.out.json {
         let out =
             Output { model: a.model.display().to_string(), phrases, prompts: main, harmless: benign, kl: kl.map(|(_, k)| k) };
         println!("{}", serde_json::to_string_pretty(&out)?);

@@ -54,20 +54,12 @@ pub struct SteerArgs {
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// Machine-readable output.
-    #[arg(long)]
-    pub json: bool,
-    /// Also write an HTML report (tables and plots) readable offline.
-    #[arg(long)]
-    pub report: Option<PathBuf>,
-    /// Replace the --report file if it exists.
-    #[arg(long)]
-    pub force: bool,
+    #[command(flatten)]
+    pub out: crate::cli::ReportArgs,
 }
 
 pub fn run(a: SteerArgs, g: &Global) -> anyhow::Result<()> {
-    // The report path is checked before any work (a model load, minutes of generation).
-    crate::io::atomic::check_file_opt(a.report.as_deref(), a.force, &[a.model.as_path()])?;
+    a.out.check(&[a.model.as_path()])?;
     if a.batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }
@@ -95,12 +87,12 @@ pub fn run(a: SteerArgs, g: &Global) -> anyhow::Result<()> {
         bar.set_position(i as u64);
     })?;
     bar.finish_and_clear();
-    if let Some(path) = &a.report {
+    if let Some(path) = &a.out.report {
         let mut rep = crate::report::Report::new(&format!("mechc eval steer: {}", a.model.display()));
         crate::verify::report::steer(&mut rep, &r)?;
         rep.write(path)?;
     }
-    if a.json {
+    if a.out.json {
         let out = serde_json::json!({
             "model": a.model.display().to_string(),
             "direction": a.direction.to_string(),
