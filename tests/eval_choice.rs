@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use assert_cmd::Command;
 use mechc::verify::choice::{self, ChoiceItem, ChoiceOpts};
-use mechc::verify::score;
+use mechc::runtime::score;
 use serde_json::Value;
 
 

@@ -5,6 +5,7 @@ pub mod batch;
 pub mod frozen;
 pub mod generate;
 pub mod hooks;
+pub mod score;
 
 pub use batch::{Batch, KvCache};
 pub use hooks::{HookPoint, Hooks, Op};

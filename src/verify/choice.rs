@@ -23,7 +23,7 @@ use crate::model::Model;
 use crate::runtime::Hooks;
 use crate::tokenizer::Tok;
 
-use super::score;
+use crate::runtime::score;
 
 /// One item: the question and which letter shows the behaviour.
 #[derive(Debug, Clone, PartialEq)]

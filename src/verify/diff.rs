@@ -331,7 +331,7 @@ pub fn diff_text(a: &Model, b: &Model, ids: &[u32], seq_len: usize, mut progress
 mod tests {
     use super::*;
     use crate::model::random::{random_model, RandomSpec};
-    use crate::verify::score::{kl, next_token_logprobs};
+    use crate::runtime::score::{kl, next_token_logprobs};
 
     #[test]
     fn self_diff_is_zero_and_kl_matches_the_scalar_formula() {

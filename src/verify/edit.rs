@@ -240,7 +240,7 @@ pub fn evaluate(
                 conts.push(ct.clone());
             }
         }
-        let lp = crate::verify::score::continuation_logprobs_with(model, &prompts, &conts, batch, fwd)?;
+        let lp = crate::runtime::score::continuation_logprobs_with(model, &prompts, &conts, batch, fwd)?;
         for (k, c) in group.iter().enumerate() {
             let s = &lp[6 * k..6 * k + 6];
             out.push(RecordScore {

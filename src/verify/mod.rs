@@ -8,5 +8,4 @@ pub mod edit;
 pub mod perplexity;
 pub mod refusal;
 pub mod report;
-pub mod score;
 pub mod steer;

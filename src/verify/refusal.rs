@@ -12,7 +12,7 @@ use crate::runtime::generate::{generate_batch, GenOpts};
 use crate::runtime::Hooks;
 use crate::tokenizer::Tok;
 
-use super::score;
+use crate::runtime::score;
 
 /// The refusal substrings of andyrdt/refusal_direction (`_test_prefixes_jailbreakbench`, itself
 /// JailbreakBench's list plus a few). A completion containing any of them counts as a refusal.
@@ -286,6 +286,37 @@ pub fn first_token_kl_fn<'a>(model: &'a Model, prompts: &'a [Vec<u32>], batch: u
     }
 }
 
+/// How natural a model's completions are to a reference: their perplexity under it (teacher
+/// forcing after each templated prompt). A broken model "refuses" nothing and answers in
+/// gibberish; this number shows it next to the refusal rate.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionPerplexity {
+    /// exp(−Σ log p / Σ tokens) over every completion's tokens (the stop token included).
+    pub perplexity: f64,
+    pub tokens: usize,
+    /// Completions with no tokens (not counted).
+    pub empty: usize,
+}
+
+/// The perplexity of completions (`conts[i]` generated after the tokenised prompt
+/// `prompts[i]`) under `reference`; empty completions are not counted.
+pub fn completion_perplexity(reference: &Model, prompts: &[Vec<u32>], conts: &[Vec<u32>], batch: usize) -> Result<CompletionPerplexity> {
+    let kept: Vec<usize> = (0..conts.len()).filter(|&i| !conts[i].is_empty()).collect();
+    let empty = conts.len() - kept.len();
+    if let Some(&t) = kept.iter().flat_map(|&i| &conts[i]).find(|&&t| t as usize >= reference.cfg.vocab_size) {
+        return Err(Error::invalid(format!("completion token {t} is outside the reference's vocabulary ({})", reference.cfg.vocab_size)));
+    }
+    if kept.is_empty() {
+        return Ok(CompletionPerplexity { perplexity: f64::NAN, tokens: 0, empty });
+    }
+    let p: Vec<Vec<u32>> = kept.iter().map(|&i| prompts[i].clone()).collect();
+    let c: Vec<Vec<u32>> = kept.iter().map(|&i| conts[i].clone()).collect();
+    let lp = score::continuation_logprobs(reference, &p, &c, batch)?;
+    let tokens: usize = lp.iter().map(Vec::len).sum();
+    let nll: f64 = -lp.iter().flatten().map(|&x| x as f64).sum::<f64>();
+    Ok(CompletionPerplexity { perplexity: (nll / tokens as f64).exp(), tokens, empty })
+}
+
 /// A short human summary: one line per set and an optional KL line.
 pub fn table(sets: &[(&str, &RefusalReport)], kl: Option<(&str, &KlReport)>) -> String {
     let mut s = format!("{:<12} {:>8} {:>8} {:>8}\n", "set", "prompts", "refused", "rate");
@@ -305,6 +336,7 @@ pub fn table(sets: &[(&str, &RefusalReport)], kl: Option<(&str, &KlReport)>) -> 
 mod tests {
     use super::*;
     use crate::model::random::{random_model, RandomSpec};
+    use candle_core::IndexOp;
 
     #[test]
     fn phrase_matching() {
@@ -336,6 +368,31 @@ mod tests {
         assert_eq!(load_phrases(&f).unwrap(), ["No way", "Never"]);
         std::fs::write(&f, "\n# only a comment\n").unwrap();
         assert!(load_phrases(&f).unwrap_err().to_string().contains("no phrases"));
+    }
+
+    /// The perplexity of completions against the definition computed one token at a time;
+    /// empty completions are skipped, foreign tokens are an error.
+    #[test]
+    fn completion_perplexity_is_teacher_forced_nll() {
+        let m = random_model(RandomSpec::from_seed(11).config(), 11).unwrap();
+        let prompts = vec![vec![1u32, 2], vec![6], vec![2, 8, 9]];
+        let conts = vec![vec![3u32, 4, 5], vec![], vec![7]];
+        let got = completion_perplexity(&m, &prompts, &conts, 2).unwrap();
+        assert_eq!((got.tokens, got.empty), (4, 1));
+        let mut nll = 0.0;
+        for (p, c) in prompts.iter().zip(&conts) {
+            let mut seq = p.clone();
+            for &t in c {
+                let logits = m.forward(&crate::runtime::Batch::single(&seq), None, &mut Hooks::new(), Default::default()).unwrap();
+                let lp = candle_nn::ops::log_softmax(&logits.i((0, seq.len() - 1)).unwrap(), candle_core::D::Minus1).unwrap().to_vec1::<f32>().unwrap();
+                nll -= lp[t as usize] as f64;
+                seq.push(t);
+            }
+        }
+        let want = (nll / 4.0f64).exp();
+        assert!((got.perplexity - want).abs() < 1e-3 * want, "{} vs {want}", got.perplexity);
+        let big = m.cfg.vocab_size as u32;
+        assert!(completion_perplexity(&m, &prompts[..1], &[vec![big]], 2).is_err());
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::error::{Error, Result, WithPath};
 use crate::model::Model;
 use crate::runtime::{HookPoint, Hooks, Op};
 use crate::tokenizer::Tok;
-use crate::verify::score::kl;
+use crate::runtime::score::kl;
 
 /// A steering direction from a safetensors file: `FILE[:TENSOR]`, a 1-D float tensor of
 /// `d_model` values (returned as f32). Without a tensor name the file must hold one tensor.
@@ -214,7 +214,7 @@ pub fn steer_sweep(
 
     // The unsteered pass: reference distributions for the KL.
     let mut base: Vec<Vec<f32>> = vec![vec![]; n];
-    crate::verify::score::last_token(model, prompts, o.batch, &Hooks::new(), None, |i, lp, _| {
+    crate::runtime::score::last_token(model, prompts, o.batch, &Hooks::new(), None, |i, lp, _| {
         base[i] = lp.to_vec();
         Ok(())
     })?;
@@ -226,7 +226,7 @@ pub fn steer_sweep(
         hooks.intervene(HookPoint::ResidPost(o.layer), Op::Add((&v * c)?));
         let (mut proj, mut kls) = (0f64, vec![0f64; n]);
         let mut tl = vec![(0f64, 0f64); o.targets.len()];
-        crate::verify::score::last_token(model, prompts, o.batch, &hooks, Some(point), |i, lp, a| {
+        crate::runtime::score::last_token(model, prompts, o.batch, &hooks, Some(point), |i, lp, a| {
             let a = a.expect("captured");
             proj += a.iter().zip(&unit).map(|(&x, &u)| x as f64 * u).sum::<f64>();
             kls[i] = kl(&base[i], lp);
@@ -285,7 +285,7 @@ pub fn unit_f64(v: &Tensor) -> Result<Vec<f64>> {
 pub fn projection_hooked(model: &Model, hooks: &Hooks, unit: &[f64], prompts: &[Vec<u32>], batch: usize) -> Result<f64> {
     let measure = HookPoint::ResidPost(model.cfg.num_layers - 1);
     let mut s = 0f64;
-    crate::verify::score::last_token(model, prompts, batch, hooks, Some(measure), |_, _, a| {
+    crate::runtime::score::last_token(model, prompts, batch, hooks, Some(measure), |_, _, a| {
         s += a.expect("captured").iter().zip(unit).map(|(&x, &u)| x as f64 * u).sum::<f64>();
         Ok(())
     })?;
@@ -296,7 +296,7 @@ pub fn projection_hooked(model: &Model, hooks: &Hooks, unit: &[f64], prompts: &[
 /// with `hooks` applied (the `target` metric of a steering sweep, for any intervention).
 pub fn target_logprob_hooked(model: &Model, hooks: &Hooks, prompts: &[Vec<u32>], targets: &[u32], batch: usize) -> Result<f64> {
     let mut s = 0f64;
-    crate::verify::score::last_token(model, prompts, batch, hooks, None, |_, lp, _| {
+    crate::runtime::score::last_token(model, prompts, batch, hooks, None, |_, lp, _| {
         s += targets.iter().map(|&t| lp[t as usize] as f64).sum::<f64>() / targets.len() as f64;
         Ok(())
     })?;
