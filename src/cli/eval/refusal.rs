@@ -1,5 +1,6 @@
 //! `mechc eval refusal`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -16,7 +17,8 @@ use crate::verify::refusal::{self, KlReport, RefusalOpts, RefusalReport};
 /// sorry", "I cannot", "As an AI", ...; case-insensitive as there, ’ counts as '). With
 /// --reference, also the KL divergence KL(reference ‖ model) of the first generated token's
 /// distribution, over the harmless set (else over --prompts): the check that an edit leaves
-/// harmless prompts alone.
+/// harmless prompts alone; and the completions' perplexity under the reference (run the
+/// reference itself with --reference REF for its own figure to compare with).
 #[derive(Args, Debug)]
 pub struct RefusalArgs {
     /// HF model directory or .gguf file.
@@ -43,7 +45,9 @@ pub struct RefusalArgs {
     /// Match the phrases case-sensitively (the reference lowercases both sides).
     #[arg(long)]
     pub case_sensitive: bool,
-    /// Reference model (e.g. the unedited one) for the first-token KL; must share the vocabulary.
+    /// Reference model (e.g. the unedited one) for the first-token KL and the completions'
+    /// perplexity under it (a broken model refuses nothing but answers in gibberish); must share
+    /// the vocabulary.
     #[arg(long)]
     pub reference: Option<PathBuf>,
     /// Feed the prompts as plain text instead of a chat user turn.
@@ -79,6 +83,8 @@ struct Output {
     prompts: SetResult,
     harmless: Option<SetResult>,
     kl: Option<KlResult>,
+    /// The completions' perplexity under the reference, per set (with --reference).
+    perplexity: Option<BTreeMap<&'static str, refusal::CompletionPerplexity>>,
 }
 
 pub fn run(a: RefusalArgs, g: &Global) -> anyhow::Result<()> {
@@ -115,10 +121,22 @@ pub fn run(a: RefusalArgs, g: &Global) -> anyhow::Result<()> {
     let main = eval(&prompts, "prompts")?;
     let benign = harmless.as_ref().map(|s| eval(s, "harmless")).transpose()?;
 
+    let mut perplexity = None;
     let kl = match &a.reference {
         None => None,
         Some(path) => {
             let reference = crate::io::load(path, g.progress())?;
+            let mut ppl = BTreeMap::new();
+            for (name, r) in [("prompts", Some(&main)), ("harmless", benign.as_ref())] {
+                let Some(r) = r else { continue };
+                let texts: Vec<String> = r.report.completions.iter().map(|c| c.prompt.clone()).collect();
+                let conts: Vec<Vec<u32>> = r.report.completions.iter().map(|c| c.tokens.clone()).collect();
+                let ids = tok.prompts_ids(&texts, opts.chat)?;
+                let p = refusal::completion_perplexity(&reference.model, &ids, &conts, a.batch_size)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                ppl.insert(name, p);
+            }
+            perplexity = Some(ppl);
             let (set, name) = match &harmless {
                 Some(h) => (h, "harmless"),
                 None => (&prompts, "prompts"),
@@ -141,7 +159,7 @@ pub fn run(a: RefusalArgs, g: &Global) -> anyhow::Result<()> {
     }
     if a.out.json {
         let out =
-            Output { model: a.model.display().to_string(), phrases, prompts: main, harmless: benign, kl: kl.map(|(_, k)| k) };
+            Output { model: a.model.display().to_string(), phrases, prompts: main, harmless: benign, kl: kl.map(|(_, k)| k), perplexity };
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
@@ -150,6 +168,9 @@ pub fn run(a: RefusalArgs, g: &Global) -> anyhow::Result<()> {
         sets.push(("harmless", &b.report));
     }
     print!("{}", refusal::table(&sets, kl.as_ref().map(|(n, k)| (*n, &k.report))));
+    for (name, p) in perplexity.iter().flatten() {
+        println!("completions' perplexity under the reference ({name}): {:.2} over {} tokens", p.perplexity, p.tokens);
+    }
     for (name, r) in &sets {
         for c in r.completions.iter().take(a.show) {
             let mark = if c.refused { "REFUSED" } else { "answered" };
