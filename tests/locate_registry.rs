@@ -49,6 +49,11 @@ fn cases(dir: &Path) -> Vec<(&'static str, Vec<String>, String)> {
         ("neuron-importance", s(&["--text", &t, "--skip", "10", "--layers", "0,2"]), "text = \"calib.txt\"\nskip = 10\nlayers = [0, 2]".into()),
         ("patch", s(&["--clean", "a", "--corrupted", "b", "--sites", "resid,head"]), "clean = \"a\"\ncorrupted = \"b\"\nsites = [\"resid\", \"head\"]".into()),
         ("probe", s(&["--positive", &p, "--negative", &p, "--l2", "0.5", "--shuffle-labels"]), "positive = \"pos.json\"\nnegative = \"pos.json\"\nl2 = 0.5\nshuffle_labels = true".into()),
+        (
+            "refusal-direction",
+            s(&["--harmful", &format!("{p}:text"), "--harmless", &p, "--val-harmful", &p, "--val-harmless", &p, "--refusal-tokens", "I,Sorry", "--screen", "4"]),
+            "harmful = \"pos.json:text\"\nharmless = \"pos.json\"\nval_harmful = \"pos.json\"\nval_harmless = \"pos.json\"\nrefusal_tokens = [\"I\", \"Sorry\"]\nscreen = 4".into(),
+        ),
     ]
 }
 

@@ -212,6 +212,10 @@ fn every_pass_doc_has_examples_that_build() {
                 if let Some(toml::Value::Array(v)) = opts.get_mut("direction") {
                     *v = v.iter().cycle().take(m.cfg.hidden_size).cloned().collect();
                 }
+                // stories260K's tokenizer has no chat template: the search reads its prompts plain.
+                if let Some(toml::Value::Table(auto)) = opts.get_mut("auto") {
+                    auto.insert("chat".into(), toml::Value::Boolean(false));
+                }
                 let cx = BuildCtx { source: &m, base_dir: base, tok: tok.as_ref(), progress: false };
                 // A searched option (coeff = "auto") is resolved by the compile driver's search:
                 // build the pass as the plan does, at the search's placeholder value.

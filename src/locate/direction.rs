@@ -129,7 +129,7 @@ pub fn prompt_examples(tok: &Tok, texts: &[String], chat: bool, positions: Posit
 /// How many tokens the chat template puts after the instruction: the rendered text after the
 /// instruction's last occurrence, tokenized on its own (as refusal_direction's `eoi_toks`), which
 /// must be exactly the end of the prompt's ids.
-fn post_instruction_len(tok: &Tok, text: &str, ids: &[u32]) -> Result<usize> {
+pub(crate) fn post_instruction_len(tok: &Tok, text: &str, ids: &[u32]) -> Result<usize> {
     let rendered = tok.apply_chat(text)?;
     let needle = text.trim();
     let at = if needle.is_empty() { None } else { rendered.rfind(needle) };

@@ -18,6 +18,7 @@ pub mod importance;
 pub mod logit_lens;
 pub mod patch;
 pub mod probe;
+pub mod refusal_direction;
 
 use std::path::{Path, PathBuf};
 
@@ -56,6 +57,7 @@ pub const REGISTRY: &[MethodInfo] = &[
     entry::<importance::NeuronSpec>("neuron-importance", Outputs { plot: false, vectors: false }),
     entry::<patch::Spec>("patch", Outputs { plot: true, vectors: false }),
     entry::<probe::Spec>("probe", Outputs { plot: false, vectors: false }),
+    entry::<refusal_direction::Spec>("refusal-direction", Outputs { plot: false, vectors: true }),
 ];
 
 pub fn find(name: &str) -> Option<&'static MethodInfo> {
