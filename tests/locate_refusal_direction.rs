@@ -7,7 +7,8 @@
 mod common;
 
 use mechc::ir::Findings;
-use mechc::locate::refusal_direction::{last_logprobs, refusal_score};
+use mechc::locate::refusal_direction::refusal_score;
+use mechc::runtime::score::last_logprobs;
 use mechc::runtime::Hooks;
 
 fn spec(file: &str) -> String {

@@ -34,7 +34,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use serde::Serialize;
 use serde_json::json;
 
@@ -43,6 +43,7 @@ use crate::error::{Error, Result};
 use crate::ir::{Component, Findings, Source};
 use crate::model::decoder::Fwd;
 use crate::model::Model;
+use crate::runtime::score::last_logprobs;
 use crate::runtime::{Batch, HookPoint, Hooks, Op};
 
 use super::direction::Vectors;
@@ -125,24 +126,6 @@ pub fn refusal_score(logp: &[f32], tokens: &[u32]) -> f64 {
     const EPS: f64 = 1e-8;
     let p: f64 = tokens.iter().map(|&t| (logp[t as usize] as f64).exp()).sum::<f64>().min(1.0);
     (p + EPS).ln() - (1.0 - p + EPS).ln()
-}
-
-/// Log-softmax of the next-token logits after each prompt, under `hooks`: left-padded batches
-/// of similar lengths, logits at the last position only. `f(i, row)` per prompt.
-pub fn last_logprobs(model: &Model, prompts: &[Vec<u32>], hooks: &Hooks, batch: usize, mut f: impl FnMut(usize, &[f32])) -> Result<()> {
-    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
-    if let Some(i) = lens.iter().position(|&n| n == 0) {
-        return Err(Error::invalid(format!("prompt {i} has no tokens")));
-    }
-    for chunk in crate::runtime::batch::length_batches(&lens, batch) {
-        let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-        let logits = model.forward(&Batch::left_padded(&seqs, 0), None, &mut hooks.clone(), Fwd { last_only: true, ..Fwd::default() })?;
-        let lp = candle_nn::ops::log_softmax(&logits.i((.., 0))?.to_dtype(DType::F32)?, D::Minus1)?.to_vec2::<f32>()?;
-        for (row, &i) in lp.iter().zip(&chunk) {
-            f(i, row);
-        }
-    }
-    Ok(())
 }
 
 /// The mean over prompts of `resid_pre` at each of the last `k` positions, in f64:
@@ -496,22 +479,6 @@ mod tests {
         let sure: Vec<f32> = vec![0.0, f32::NEG_INFINITY];
         assert!((refusal_score(&sure, &[0]) - (1.0f64 / 1e-8).ln()).abs() < 1e-3);
         assert!((refusal_score(&sure, &[1]) + (1.0f64 / 1e-8).ln()).abs() < 1e-3);
-    }
-
-    /// Left-padded, last-position logits equal each prompt run alone.
-    #[test]
-    fn last_logprobs_match_single_prompts() {
-        let m = random_model(RandomSpec::from_seed(4).config(), 4).unwrap();
-        let prompts = vec![vec![1, 2, 3, 4, 5], vec![6, 7], vec![3, 3, 3]];
-        let mut got = vec![vec![]; 3];
-        last_logprobs(&m, &prompts, &Hooks::new(), 8, |i, lp| got[i] = lp.to_vec()).unwrap();
-        for (i, p) in prompts.iter().enumerate() {
-            let logits = m.forward(&Batch::single(p), None, &mut Hooks::new(), Fwd::default()).unwrap();
-            let want = candle_nn::ops::log_softmax(&logits.i((0, p.len() - 1)).unwrap(), D::Minus1).unwrap().to_vec1::<f32>().unwrap();
-            let err = want.iter().zip(&got[i]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(err < 1e-4, "prompt {i}: max |Δ log p| {err}");
-        }
-        assert!(last_logprobs(&m, &[vec![]], &Hooks::new(), 8, |_, _| {}).is_err());
     }
 
     fn cand(layer: usize, bypass: f64, induce: f64, kl: f64) -> Candidate {

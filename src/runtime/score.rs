@@ -60,6 +60,24 @@ pub fn last_token(
     Ok(())
 }
 
+/// Log-softmax of the next-token logits after each prompt, under `hooks`: left-padded batches
+/// of similar lengths, logits at the last position only. `f(i, row)` per prompt.
+pub fn last_logprobs(model: &Model, prompts: &[Vec<u32>], hooks: &Hooks, batch: usize, mut f: impl FnMut(usize, &[f32])) -> Result<()> {
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    if let Some(i) = lens.iter().position(|&n| n == 0) {
+        return Err(Error::invalid(format!("prompt {i} has no tokens")));
+    }
+    for chunk in length_batches(&lens, batch) {
+        let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
+        let logits = model.forward(&Batch::left_padded(&seqs, 0), None, &mut hooks.clone(), Fwd { last_only: true, ..Fwd::default() })?;
+        let lp = candle_nn::ops::log_softmax(&logits.i((.., 0))?.to_dtype(candle_core::DType::F32)?, D::Minus1)?.to_vec2::<f32>()?;
+        for (row, &i) in lp.iter().zip(&chunk) {
+            f(i, row);
+        }
+    }
+    Ok(())
+}
+
 /// Log-probability of each token of `conts[i]` following `prompts[i]` (teacher forcing).
 pub fn continuation_logprobs(model: &Model, prompts: &[Vec<u32>], conts: &[Vec<u32>], batch: usize) -> Result<Vec<Vec<f32>>> {
     continuation_logprobs_with(model, prompts, conts, batch, Fwd::default())
@@ -114,6 +132,23 @@ pub fn argmax(xs: &[f32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Left-padded, last-position logits equal each prompt run alone.
+    #[test]
+    fn last_logprobs_match_single_prompts() {
+        let m = crate::model::random::random_model(crate::model::random::RandomSpec::from_seed(4).config(), 4).unwrap();
+        let prompts = vec![vec![1, 2, 3, 4, 5], vec![6, 7], vec![3, 3, 3]];
+        let mut got = vec![vec![]; 3];
+        last_logprobs(&m, &prompts, &Hooks::new(), 8, |i, lp| got[i] = lp.to_vec()).unwrap();
+        for (i, p) in prompts.iter().enumerate() {
+            let logits = m.forward(&Batch::single(p), None, &mut Hooks::new(), Fwd::default()).unwrap();
+            let want = candle_nn::ops::log_softmax(&logits.i((0, p.len() - 1)).unwrap(), D::Minus1).unwrap().to_vec1::<f32>().unwrap();
+            let err = want.iter().zip(&got[i]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err < 1e-4, "prompt {i}: max |Δ log p| {err}");
+        }
+        assert!(last_logprobs(&m, &[vec![]], &Hooks::new(), 8, |_, _| {}).is_err());
+    }
+
     use crate::model::random::{random_model, RandomSpec};
 
     #[test]
