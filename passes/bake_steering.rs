@@ -38,7 +38,41 @@ Options:
   mode ablate:
     layers = [0, 1, ...]  blocks whose o_proj and down_proj are orthogonalised (default: all)
     weights = [1.0, ...]  per-layer strength λ (default 1): W ← (I − λ r rᵀ) W
+    kernel = { attn = K, mlp = K }   instead of layers/weights: λ per layer and per component
+                          (attn: o_proj, mlp: down_proj) from a kernel (heretic's
+                          parametrisation), K = { max_weight = 1.0, max_weight_position = 14.5,
+                          min_weight = 0.2, min_weight_distance = 6.0 }: at distance
+                          t = |layer − max_weight_position| ≤ min_weight_distance,
+                          λ = max_weight + (t / min_weight_distance)(min_weight − max_weight);
+                          farther layers, and a component left out, are not written
+    norm_preserving = false   keep each output row's norm of every written matrix: rows scaled
+                          to unit length, projected, rescaled to their old length (heretic's
+                          row_normalization = "full", exact here rather than low-rank)
     embed = true          orthogonalise the embedding too (default true)
+    direction = { by = ID, layer = 13.4 }   a fractional layer mixes the two layers' unit
+                          vectors (0.6·v̂13 + 0.4·v̂14, renormalised; compile/select.rs)
+    params = "auto"       the kernel (and the direction's layer) searched, with an `auto` table:
+    auto = { max_kl = 0.2, kl_prompts = "harmless.json:instruction",
+             metric_prompts = "harmful.json:instruction" }
+    max_kl = 0.2          budget on the mean first-token KL (nats) over kl_prompts (required)
+    kl_prompts, metric_prompts = "F[:FIELD]"   harmless prompts for the KL, harmful ones for the
+                          refusal score (required)
+    confirm_prompts = "F[:FIELD]"   harmful prompts for the confirming refusal rate (default
+                          metric_prompts)
+    skip = 0              use each set's prompts after the first N (those a [[locate]] used)
+    limit = 24            then the next N of each set
+    trials = 48, startup = 16, seed = 0   TPE trials, the first `startup` uniformly random
+    components = ["attn", "mlp"]   the kernels searched (a component left out is not written)
+    direction_layers = [lo, hi]   also search the direction's fractional layer (needs
+                          direction = { by = ID }, a [[locate]] step with per-layer vectors)
+    refusal_tokens = ["I", "As"]  the refusal score's tokens (log-odds at the first response
+                          position)
+    confirm = 3           in-budget Pareto points (lowest score first) whose greedy refusal
+                          rate is measured; the lowest rate wins (0: the lowest score wins)
+    max_tokens = 48, batch = 16, chat = true, plot = "pareto.svg"
+  Search space and rule: `src/search/kernel.rs` (heretic's ranges; a budget no trial meets fails
+  the compile, nothing written). Every trial goes into the manifest (`passes[i].search`, its
+  point in `params`) and is printed as a table under the pass's line.
 
   mode add, coeff = "auto": a parameter search (`src/search/coeff.rs`) that the compile driver
   runs just before this pass, on the model as the pass receives it, and that hands the pass an
@@ -83,10 +117,13 @@ ablate (Arditi et al.; per-layer λ as heretic): with r the unit direction, ever
 writes into the residual stream loses its component along r: embed_tokens E ← E (I − r rᵀ),
 each chosen o_proj and down_proj W ← (I − λ r rᵀ) W and their biases b ← b − λ (r·b) r. The
 unembedding is left alone; a tied embedding is therefore untied (lm_head keeps the original).
+norm_preserving: with n the row norms of W and s = 1/n (0 for a zero row), W ← diag(n·d) P diag(s) W
+and b ← diag(n·d) P diag(s) b, d the inverse row norms of P diag(s) W (P = I − λ r rᵀ).
 
 Runtime twin: add: add c·v at blocks.{layer}.hook_resid_post at every position. ablate: project
-r out (x ← x − λ (x·r) r) at hook_embed and at each chosen block's hook_attn_out and
-hook_mlp_out. Both exact up to float rounding.
+r out (x ← x − λ (x·r) r) at hook_embed and at each written block's hook_attn_out (o_proj) and
+hook_mlp_out (down_proj), with norm_preserving x ← n·d ⊙ P(s ⊙ x) there. Exact up to float
+rounding.
 
 Example (ablate a [[locate]] step's refusal direction everywhere):
     [[pass]]
@@ -101,6 +138,25 @@ Example (ablate a direction from a file in layers 10-14, half strength at the en
     direction = "refusal_dir.safetensors:v"
     layers = [10, 11, 12, 13, 14]
     weights = [0.5, 1.0, 1.0, 1.0, 0.5]
+
+Example (heretic's kernel: attention outputs around layer 14, MLPs lightly, row norms kept):
+    [[pass]]
+    name = "bake-steering"
+    mode = "ablate"
+    direction = "refusal_dir.safetensors:v"
+    kernel = { attn = { max_weight = 1.2, max_weight_position = 14.0, min_weight = 0.3, min_weight_distance = 8.0 }, mlp = { max_weight = 0.4, max_weight_position = 16.0, min_weight = 0.0, min_weight_distance = 4.0 } }
+    norm_preserving = true
+    embed = false
+
+Example (the kernel searched under a KL budget: TPE trials through the twin, the Pareto front
+of refusal score vs KL, the best confirmed by generation; configs/qwen-abliterate.toml also
+searches the direction's layer with direction = { by = ID } and auto.direction_layers):
+    [[pass]]
+    name = "bake-steering"
+    mode = "ablate"
+    direction = "refusal_dir.safetensors:v"
+    params = "auto"
+    auto = { max_kl = 0.2, kl_prompts = "harmless.json:instruction", metric_prompts = "harmful.json:instruction", trials = 40, startup = 12 }
 
 Example (add an inline vector of d_model numbers after block 1, 4 times its unit length):
     [[pass]]
@@ -132,7 +188,55 @@ struct Opts {
     control_vector: Option<String>,
     layers: Option<Vec<usize>>,
     weights: Option<Vec<f64>>,
+    kernel: Option<Kernels>,
+    norm_preserving: Option<bool>,
     embed: Option<bool>,
+}
+
+/// A per-layer ablation weight: peak `max_weight` at `max_weight_position` (fractional), falling
+/// linearly to `min_weight` at `min_weight_distance` layers away, 0 beyond (heretic's kernel).
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Kernel {
+    pub max_weight: f64,
+    pub max_weight_position: f64,
+    pub min_weight: f64,
+    pub min_weight_distance: f64,
+}
+
+impl Kernel {
+    /// λ at `layer` (0 = not written).
+    pub fn weight(&self, layer: usize) -> f64 {
+        let t = (layer as f64 - self.max_weight_position).abs();
+        if t > self.min_weight_distance {
+            return 0.0;
+        }
+        self.max_weight + t / self.min_weight_distance * (self.min_weight - self.max_weight)
+    }
+
+    fn check(&self, what: &str) -> Result<()> {
+        let k = self;
+        if ![k.max_weight, k.max_weight_position, k.min_weight, k.min_weight_distance].iter().all(|x| x.is_finite()) {
+            return Err(invalid(format!("`kernel.{what}`: every value must be finite")));
+        }
+        if k.min_weight_distance <= 0.0 {
+            return Err(invalid(format!("`kernel.{what}.min_weight_distance` = {}: must be > 0", k.min_weight_distance)));
+        }
+        Ok(())
+    }
+
+    /// (layer, λ) for the layers it writes (λ ≠ 0).
+    fn layers(&self, n: usize) -> Vec<(usize, f64)> {
+        (0..n).map(|l| (l, self.weight(l))).filter(|&(_, w)| w != 0.0).collect()
+    }
+}
+
+/// `kernel = { attn = K, mlp = K }`: a component left out is not written.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Kernels {
+    pub attn: Option<Kernel>,
+    pub mlp: Option<Kernel>,
 }
 
 enum Mode {
@@ -143,11 +247,13 @@ enum Mode {
         coeff: f64,
         control_vector: Option<std::path::PathBuf>,
     },
-    /// Unit `r`; (block, λ) pairs sorted by block.
+    /// Unit `r`; (block, λ) pairs sorted by block, for o_proj (`attn`) and down_proj (`mlp`).
     Ablate {
         r: Tensor,
-        layers: Vec<(usize, f64)>,
+        attn: Vec<(usize, f64)>,
+        mlp: Vec<(usize, f64)>,
         embed: bool,
+        norm_preserving: bool,
     },
 }
 
@@ -242,6 +348,8 @@ fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
                 &[
                     ("layers", o.layers.is_some()),
                     ("weights", o.weights.is_some()),
+                    ("kernel", o.kernel.is_some()),
+                    ("norm_preserving", o.norm_preserving.is_some()),
                     ("embed", o.embed.is_some()),
                 ],
                 "add",
@@ -303,6 +411,18 @@ fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
                 "ablate",
             )?;
             let r = unit(&direction(&o.direction, d, cx)?)?;
+            let (embed, norm_preserving) = (o.embed.unwrap_or(true), o.norm_preserving.unwrap_or(false));
+            if let Some(k) = o.kernel {
+                if o.layers.is_some() || o.weights.is_some() {
+                    return Err(invalid("`kernel` and `layers`/`weights` both given: pick one"));
+                }
+                let of = |k: Option<Kernel>, what: &str| -> Result<Vec<(usize, f64)>> {
+                    k.map(|k| k.check(what).map(|_| k.layers(n))).unwrap_or(Ok(vec![]))
+                };
+                let (attn, mlp) = (of(k.attn, "attn")?, of(k.mlp, "mlp")?);
+                let mode = Mode::Ablate { r, attn, mlp, embed, norm_preserving };
+                return Ok(Box::new(BakeSteering { mode, arch: m.cfg.arch }));
+            }
             let layers = o.layers.unwrap_or_else(|| (0..n).collect());
             if let Some(&bad) = layers.iter().find(|&&l| l >= n) {
                 return Err(invalid(format!(
@@ -329,11 +449,7 @@ fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {
             }
             let mut layers: Vec<(usize, f64)> = layers.into_iter().zip(weights).collect();
             layers.sort_by_key(|p| p.0);
-            Mode::Ablate {
-                r,
-                layers,
-                embed: o.embed.unwrap_or(true),
-            }
+            Mode::Ablate { r, attn: layers.clone(), mlp: layers, embed, norm_preserving }
         }
         other => return Err(invalid(format!("unknown `mode` = \"{other}\" (modes: add, ablate)"))),
     };
@@ -358,7 +474,26 @@ fn example(m: &Model, seed: u64) -> Option<toml::Table> {
         }
     } else {
         t.insert("mode".into(), V::String("ablate".into()));
-        if r.gen_bool(0.5) {
+        let kernel = |r: &mut rand::rngs::StdRng| -> V {
+            let mut k = toml::Table::new();
+            let mut num = |k: &mut toml::Table, key: &str, lo: f64, hi: f64| {
+                k.insert(key.into(), V::Float((r.gen_range(lo..hi) * 100.0).round() / 100.0));
+            };
+            num(&mut k, "max_weight", 0.0, 1.5);
+            num(&mut k, "max_weight_position", 0.0, n as f64);
+            num(&mut k, "min_weight", 0.0, 1.0);
+            num(&mut k, "min_weight_distance", 0.5, n as f64);
+            V::Table(k)
+        };
+        if r.gen_bool(0.3) {
+            let mut k = toml::Table::new();
+            for c in ["attn", "mlp"] {
+                if r.gen_bool(0.8) {
+                    k.insert(c.into(), kernel(&mut r));
+                }
+            }
+            t.insert("kernel".into(), V::Table(k));
+        } else if r.gen_bool(0.5) {
             let mut all: Vec<usize> = (0..n).collect();
             all.shuffle(&mut r);
             let k = r.gen_range(1..=n);
@@ -380,16 +515,66 @@ fn example(m: &Model, seed: u64) -> Option<toml::Table> {
         if r.gen_bool(0.3) {
             t.insert("embed".into(), V::Boolean(false));
         }
+        if r.gen_bool(0.4) {
+            t.insert("norm_preserving".into(), V::Boolean(true));
+        }
     }
     Some(t)
 }
 
-/// (I − λ r rᵀ) applied to what a linear layer writes: every column of W [d_model, d_in] and
-/// the bias, with the runtime twin's own `project_out`.
-fn ortho_linear(lin: &Linear, r: &Tensor, lambda: f64) -> Result<Linear> {
-    let w = project_out(&lin.w().t()?, r, lambda)?.t()?.contiguous()?;
-    let b = lin.b.as_ref().map(|b| project_out(&b.unsqueeze(0)?, r, lambda)?.squeeze(0)).transpose()?;
-    Linear::new(&w, b)
+/// What a written matrix's outputs become: x ← out ⊙ P(inv ⊙ x) with P = I − λ r rᵀ, where
+/// plain ablation has inv = out = 1 and norm_preserving takes inv = 1/n (n the row norms of W,
+/// 0 for a zero row) and out = n/‖row of P diag(inv) W‖ (0 likewise).
+#[derive(Clone)]
+struct RowMap {
+    r: Tensor,
+    lambda: f64,
+    /// (inv, out), each [d_model] f32; None: plain ablation.
+    scales: Option<(Tensor, Tensor)>,
+}
+
+fn inverse_or_zero(n: &Tensor) -> Result<Tensor> {
+    let v: Vec<f32> = n.to_vec1::<f32>()?.into_iter().map(|x| if x > 0.0 { 1.0 / x } else { 0.0 }).collect();
+    Ok(Tensor::from_vec(v, n.dims1()?, n.device())?)
+}
+
+impl RowMap {
+    fn new(lin: &Linear, r: &Tensor, lambda: f64, norm_preserving: bool) -> Result<RowMap> {
+        let mut map = RowMap { r: r.clone(), lambda, scales: None };
+        if norm_preserving {
+            let w = lin.w().to_dtype(DType::F32)?;
+            let n = w.sqr()?.sum(1)?.sqrt()?;
+            let inv = inverse_or_zero(&n)?;
+            map.scales = Some((inv.clone(), Tensor::ones_like(&inv)?));
+            let projected = map.columns(&w)?;
+            let out = (n * inverse_or_zero(&projected.sqr()?.sum(1)?.sqrt()?)?)?;
+            map.scales = Some((inv, out));
+        }
+        Ok(map)
+    }
+
+    /// The map on activations [.., d_model] (the twin).
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.scales {
+            None => project_out(x, &self.r, self.lambda),
+            Some((inv, out)) => {
+                let y = project_out(&x.broadcast_mul(&inv.to_dtype(x.dtype())?)?, &self.r, self.lambda)?;
+                y.broadcast_mul(&out.to_dtype(x.dtype())?)
+            }
+        }
+    }
+
+    /// The map on every column of W [d_model, d_in].
+    fn columns(&self, w: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply(&w.t()?)?.t()?.contiguous()
+    }
+
+    /// The linear layer whose outputs are the map of `lin`'s.
+    fn linear(&self, lin: &Linear) -> Result<Linear> {
+        let w = self.columns(lin.w())?;
+        let b = lin.b.as_ref().map(|b| self.apply(&b.unsqueeze(0)?)?.squeeze(0)).transpose()?;
+        Linear::new(&w, b)
+    }
 }
 
 impl Pass for BakeSteering {
@@ -421,7 +606,7 @@ impl Pass for BakeSteering {
                     }
                 ))
             }
-            Mode::Ablate { r, layers, embed } => {
+            Mode::Ablate { r, attn, mlp, embed, norm_preserving } => {
                 if *embed {
                     // In row blocks: project_out works in f64, and the whole embedding of a 128k
                     // vocabulary in f64 would be several GB of temporaries.
@@ -437,24 +622,28 @@ impl Pass for BakeSteering {
                     }
                     m.embed = new;
                 }
-                for &(l, lambda) in layers {
+                for &(l, lambda) in attn {
                     let b = &mut m.blocks[l];
-                    b.o = ortho_linear(&b.o, r, lambda)?;
-                    b.down = ortho_linear(&b.down, r, lambda)?;
+                    b.o = RowMap::new(&b.o, r, lambda, *norm_preserving)?.linear(&b.o)?;
                 }
-                let list = layers.iter().map(|(l, _)| l.to_string()).collect::<Vec<_>>().join(", ");
-                let partial = if layers.iter().any(|&(_, w)| w != 1.0) {
-                    " with per-layer weights"
+                for &(l, lambda) in mlp {
+                    let b = &mut m.blocks[l];
+                    b.down = RowMap::new(&b.down, r, lambda, *norm_preserving)?.linear(&b.down)?;
+                }
+                let list = |ls: &[(usize, f64)]| -> String {
+                    let partial = ls.iter().any(|&(_, w)| w != 1.0);
+                    let items: Vec<String> = ls.iter().map(|&(l, w)| if partial { format!("{l}:{w:.2}") } else { l.to_string() }).collect();
+                    format!("[{}]", items.join(", "))
+                };
+                let what = if attn == mlp {
+                    format!("o_proj and down_proj of layers {}", list(attn))
                 } else {
-                    ""
+                    format!("o_proj of layers {} and down_proj of layers {}", list(attn), list(mlp))
                 };
                 Ok(format!(
-                    "orthogonalised {}o_proj and down_proj of layers [{list}]{partial} against the direction",
-                    if *embed {
-                        "the embedding (untied from lm_head if it was tied), "
-                    } else {
-                        ""
-                    }
+                    "orthogonalised {}{what} against the direction{}",
+                    if *embed { "the embedding (untied from lm_head if it was tied), " } else { "" },
+                    if *norm_preserving { ", row norms kept" } else { "" }
                 ))
             }
         }
@@ -466,24 +655,22 @@ impl Pass for BakeSteering {
             Mode::Add { layer, v, coeff, .. } => {
                 h.intervene(HookPoint::ResidPost(*layer), Op::Add((v * *coeff)?));
             }
-            Mode::Ablate { r, layers, embed } => {
-                let op = |lambda: f64| -> Op {
-                    if lambda == 1.0 {
-                        return Op::ProjectOut(r.clone());
+            Mode::Ablate { r, attn, mlp, embed, norm_preserving } => {
+                let op = |map: RowMap| -> Op {
+                    if map.lambda == 1.0 && map.scales.is_none() {
+                        return Op::ProjectOut(map.r);
                     }
-                    let r = r.clone();
-                    Op::Func(std::sync::Arc::new(move |x: &Tensor| {
-                        project_out(x, &r, lambda)
-                    }))
+                    Op::Func(std::sync::Arc::new(move |x: &Tensor| map.apply(x)))
                 };
                 if *embed {
-                    h.intervene(HookPoint::Embed, op(1.0));
+                    h.intervene(HookPoint::Embed, Op::ProjectOut(r.clone()));
                 }
-                for &(l, lambda) in layers {
-                    if l < source.blocks.len() {
-                        h.intervene(HookPoint::AttnOut(l), op(lambda));
-                        h.intervene(HookPoint::MlpOut(l), op(lambda));
-                    }
+                let n = source.blocks.len();
+                for &(l, lambda) in attn.iter().filter(|p| p.0 < n) {
+                    h.intervene(HookPoint::AttnOut(l), op(RowMap::new(&source.blocks[l].o, r, lambda, *norm_preserving)?));
+                }
+                for &(l, lambda) in mlp.iter().filter(|p| p.0 < n) {
+                    h.intervene(HookPoint::MlpOut(l), op(RowMap::new(&source.blocks[l].down, r, lambda, *norm_preserving)?));
                 }
             }
         }
@@ -616,6 +803,46 @@ mod tests {
             .unwrap();
         assert_eq!(z, 0.0);
         crate::model::verifier::check(&m).unwrap();
+    }
+
+    #[test]
+    fn the_kernel_peaks_falls_linearly_and_stops() {
+        let k = Kernel { max_weight: 1.2, max_weight_position: 4.5, min_weight: 0.2, min_weight_distance: 2.0 };
+        let w: Vec<f64> = (0..8).map(|l| k.weight(l)).collect();
+        // distances 4.5, 3.5, 2.5, 1.5, 0.5, 0.5, 1.5, 2.5
+        let expect = [0.0, 0.0, 0.0, 1.2 - 0.75, 1.2 - 0.25, 1.2 - 0.25, 1.2 - 0.75, 0.0];
+        for (a, b) in w.iter().zip(expect) {
+            assert!((a - b).abs() < 1e-12, "{w:?}");
+        }
+        assert_eq!(k.layers(8).iter().map(|p| p.0).collect::<Vec<_>>(), vec![3, 4, 5, 6]);
+        let m = model(Arch::Llama);
+        let dir = format!("[{}]", vec!["0.5"; m.cfg.hidden_size].join(", "));
+        let kt = "{ max_weight = 1, max_weight_position = 0, min_weight = 0, min_weight_distance = 0 }";
+        assert!(err(&m, &format!("mode = \"ablate\"\ndirection = {dir}\nkernel = {{ attn = {kt} }}")).contains("min_weight_distance"));
+        let kt = "{ max_weight = 1, max_weight_position = 0, min_weight = 0, min_weight_distance = 1 }";
+        assert!(err(&m, &format!("mode = \"ablate\"\ndirection = {dir}\nlayers = [0]\nkernel = {{ attn = {kt} }}")).contains("pick one"));
+        assert!(err(&m, &format!("mode = \"add\"\ndirection = {dir}\nlayer = 0\ncoeff = 1\nkernel = {{ attn = {kt} }}")).contains("does not apply"));
+    }
+
+    #[test]
+    fn norm_preserving_keeps_row_norms_of_the_written_matrices_only() {
+        let mut m = model(Arch::Qwen2);
+        let src = m.clone();
+        let d = m.cfg.hidden_size;
+        let dir = format!("[{}]", (0..d).map(|i| format!("{}", (i as f32 * 0.7).sin() + 0.1)).collect::<Vec<_>>().join(", "));
+        let kt = "{ max_weight = 1.0, max_weight_position = 0.0, min_weight = 1.0, min_weight_distance = 100.0 }";
+        let p = build(&table(&format!("mode = \"ablate\"\ndirection = {dir}\nnorm_preserving = true\nembed = false\nkernel = {{ attn = {kt} }}")), &BuildCtx::new(&m)).unwrap();
+        p.run(&mut m).unwrap();
+        let norms = |w: &Tensor| w.sqr().unwrap().sum(1).unwrap().sqrt().unwrap().to_vec1::<f32>().unwrap();
+        for (b, s) in m.blocks.iter().zip(&src.blocks) {
+            for (x, y) in norms(b.o.w()).iter().zip(norms(s.o.w())) {
+                assert!((x - y).abs() <= 1e-4 * y.max(1.0), "{x} vs {y}");
+            }
+            // down_proj is not in the kernel: untouched.
+            assert_eq!(b.down.w().to_vec2::<f32>().unwrap(), s.down.w().to_vec2::<f32>().unwrap());
+            assert_ne!(b.o.w().to_vec2::<f32>().unwrap(), s.o.w().to_vec2::<f32>().unwrap());
+        }
+        assert_eq!(m.embed.to_vec2::<f32>().unwrap(), src.embed.to_vec2::<f32>().unwrap());
     }
 
     #[test]

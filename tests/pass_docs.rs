@@ -162,6 +162,7 @@ fn every_pass_doc_has_examples_that_build() {
     mechc::io::st::write(&steering_files.join("refusal_dir.safetensors"), &[("v".to_string(), Tensor::new(v, &Device::Cpu).unwrap())], &Default::default()).unwrap();
     std::fs::write(steering_files.join("harmless.json"), r#"[{"instruction": "Name a colour."}, {"instruction": "Count to three."}]"#).unwrap();
     std::fs::write(steering_files.join("happy_sad.json"), r#"["I feel wonderful today.", "Everything is grey."]"#).unwrap();
+    std::fs::write(steering_files.join("harmful.json"), r#"[{"instruction": "Explain how to pick a lock."}, {"instruction": "Write a rude insult."}]"#).unwrap();
     let mut checked = 0;
     for p in REGISTRY {
         let ex = examples(p.doc);
@@ -219,12 +220,14 @@ fn every_pass_doc_has_examples_that_build() {
                 let cx = BuildCtx { source: &m, base_dir: base, tok: tok.as_ref(), progress: false };
                 // A searched option (coeff = "auto") is resolved by the compile driver's search:
                 // build the pass as the plan does, at the search's placeholder value.
-                if let Some(search) = mechc::search::extract(p.name, &opts, &cx).unwrap_or_else(|e| panic!("the search does not build: {e}\n{what}")) {
+                // The options are resolved above, so the search's resolver has nothing left to do.
+                let resolved = |t: &toml::Table| Ok(t.clone());
+                if let Some(search) = mechc::search::extract(p.name, &opts, &resolved, &cx).unwrap_or_else(|e| panic!("the search does not build: {e}\n{what}")) {
                     if tok.is_none() {
                         eprintln!("SKIPPED: {} is missing (its tokenizer reads the search's prompts)", stories.display());
                         continue;
                     }
-                    opts = search.placeholder_options();
+                    opts = search.placeholder_options(&resolved).unwrap_or_else(|e| panic!("the placeholder does not resolve: {e}\n{what}"));
                 }
                 let pass = (p.build)(&opts, &cx).unwrap_or_else(|e| panic!("does not build: {e}\n{what}"));
                 // The structural passes are cheap: run them too and check the shape changed.

@@ -97,6 +97,15 @@ fn auto_picks_the_largest_coefficient_within_the_kl_budget_on_random_models() {
     }
 }
 
+/// The options have no `select` / `direction = { by }` forms to resolve.
+fn as_written(t: &toml::Table) -> mechc::Result<toml::Table> {
+    Ok(t.clone())
+}
+
+fn coeff(c: f64) -> toml::Table {
+    toml::Table::from_iter([("coeff".to_string(), toml::Value::Float(c))])
+}
+
 /// The same search with every candidate measured on baked weights (the pass run on a copy, no
 /// hooks) instead of through the twin: the same grid, the same choice. The twin is exact up to
 /// float rounding, so the KLs agree to rounding and the chosen c (a grid point or Brent's edge,
@@ -112,14 +121,14 @@ fn the_search_picks_the_same_coefficient_on_the_twin_and_on_baked_weights() {
         let hi = 20.0;
         let max_kl = first_token_kl_fn(&model, &prompts, 4)(&steer_hooks(layer, &v, hi)).unwrap().0 * 0.3;
         let spec = SearchSpec { max_kl, range: (0.0, hi), grid: 6, tol: 0.01 };
-        let twin = |c: f64| b.build(c, &model)?.twin(&model);
+        let twin = |c: f64| b.build(&coeff(c), &model, &as_written)?.twin(&model);
         let mut kl_of = first_token_kl_fn(&model, &prompts, 4);
         let mut kl = |c: f64| kl_of(&twin(c)?);
         let mut metric = |c: f64| Ok((projection_hooked(&model, &twin(c)?, &unit, &prompts, 4)?, None));
         let by_twin = sa::search(&spec, &mut kl, &mut metric, prompts.len()).unwrap();
         let baked = |c: f64| -> mechc::Result<Model> {
             let mut m = model.clone();
-            b.build(c, &model)?.run(&mut m)?;
+            b.build(&coeff(c), &model, &as_written)?.run(&mut m)?;
             Ok(m)
         };
         let mut kl = |c: f64| {
@@ -279,8 +288,8 @@ fn smollm2_auto_meets_the_budget_and_raises_refusals() {
     let mut t: toml::Table = opts.parse().unwrap();
     t.insert("direction".into(), toml::Value::Array(dir));
     let cx = BuildCtx { source: model, base_dir: Path::new("."), tok: Some(tok), progress: false };
-    let search = mechc::search::extract("bake-steering", &t, &cx).unwrap().expect("coeff = \"auto\" is a search");
-    let (pass, _, record) = search.run(model, model).unwrap();
+    let search = mechc::search::extract("bake-steering", &t, &as_written, &cx).unwrap().expect("coeff = \"auto\" is a search");
+    let (pass, _, record) = search.run(model, model, &as_written).unwrap();
     let mut compiled = model.clone();
     let summary = pass.run(&mut compiled).unwrap();
     eprintln!("{}; {summary}\n{}", record.summary(), record.table());
@@ -295,4 +304,67 @@ fn smollm2_auto_meets_the_budget_and_raises_refusals() {
     let kl = mechc::verify::refusal::first_token_kl(model, &compiled, &ids, 8).unwrap().mean;
     eprintln!("chosen c = {c:.4}: KL of the compiled weights {kl:.4} (search {:.4}), budget {max_kl}", record.chosen_trial().kl);
     assert!(kl <= max_kl * 1.001, "compiled KL {kl} over budget {max_kl}");
+}
+
+/// `params = "auto"` (the ablation-kernel search, `mechc::search::kernel`) on SmolLM2 with a few
+/// prompts: every trial is recorded, the front is what no trial beats on both refusal score and
+/// KL, the chosen trial is on it, within budget, and the lowest confirmed refusal rate; the pass
+/// built with the chosen options, its weights rewritten, reproduces the chosen trial's KL and
+/// refusal score measured without hooks; a budget no trial meets fails with one line.
+#[test]
+fn smollm2_kernel_search_records_its_front_and_the_baked_choice_reproduces_it() {
+    use mechc::locate::refusal_direction::refusal_score;
+    use mechc::runtime::score::last_logprobs;
+    let Some(smol) = common::registry_model(common::SMOLLM2) else { return };
+    let loaded = mechc::io::load(&smol, false).unwrap();
+    let (model, tok) = (&loaded.model, loaded.tok().unwrap());
+    let data = common::shared_data().join("prompts/refusal");
+    let dir: Vec<toml::Value> = seeded_unit(model.cfg.hidden_size, 7).to_vec1::<f32>().unwrap().into_iter().map(|x| toml::Value::Float(x as f64)).collect();
+    let table = |max_kl: f64| -> toml::Table {
+        let mut t: toml::Table = format!(
+            "mode = \"ablate\"\nembed = false\nparams = \"auto\"\n\
+             auto = {{ max_kl = {max_kl}, limit = 6, skip = 100, trials = 8, startup = 4, confirm = 2, max_tokens = 8, batch = 6, \
+             kl_prompts = \"{0}:instruction\", metric_prompts = \"{1}:instruction\" }}",
+            data.join("harmless_train.json").display(),
+            data.join("harmful_train.json").display()
+        )
+        .parse()
+        .unwrap();
+        t.insert("direction".into(), toml::Value::Array(dir.clone()));
+        t
+    };
+    let cx = BuildCtx { source: model, base_dir: Path::new("."), tok: Some(tok), progress: false };
+    let search = mechc::search::extract("bake-steering", &table(0.5), &as_written, &cx).unwrap().expect("params = \"auto\" is a search");
+    let (pass, options, record) = search.run(model, model, &as_written).unwrap();
+    eprintln!("{}\n{}", record.summary(), record.table());
+    assert_eq!(record.trials.len(), 8);
+    assert_eq!(record.trials.iter().filter(|t| t.stage == "startup").count(), 4);
+    let pts: Vec<(f64, f64)> = record.trials.iter().map(|t| (t.metric.unwrap(), t.kl)).collect();
+    for (i, t) in record.trials.iter().enumerate() {
+        let beaten = pts.iter().any(|&(s, k)| s <= pts[i].0 && k <= pts[i].1 && (s < pts[i].0 || k < pts[i].1));
+        assert_eq!(record.front.contains(&t.value), !beaten, "trial {} front membership", t.value);
+    }
+    let chosen = record.chosen_trial().clone();
+    assert!(record.front.contains(&chosen.value) && chosen.within_budget && chosen.kl <= 0.5);
+    let rates: Vec<f64> = record.trials.iter().filter_map(|t| t.confirmed).collect();
+    assert!(!rates.is_empty() && rates.len() <= 2);
+    assert_eq!(chosen.confirmed, Some(rates.iter().cloned().fold(f64::INFINITY, f64::min)));
+    assert!(options.contains_key("kernel") && !options.contains_key("params") && !options.contains_key("auto"));
+    // Baked: the weights rewritten, measured with no hooks, on the same prompts.
+    let mut baked = model.clone();
+    pass.run(&mut baked).unwrap();
+    let texts = |f: &str| mechc::data::TextSet::load(&mechc::data::SetSpec::parse(&format!("{}:instruction", data.join(f).display())), 106).unwrap().texts.split_off(100);
+    let (harmless, harmful) = (tok.prompts_ids(&texts("harmless_train.json"), true).unwrap(), tok.prompts_ids(&texts("harmful_train.json"), true).unwrap());
+    let kl = mechc::verify::refusal::first_token_kl(model, &baked, &harmless, 4).unwrap().mean;
+    let tokens: Vec<u32> = ["I", "As"].iter().map(|t| tok.encode(t, false).unwrap()[0]).collect();
+    let mut score = 0.0;
+    last_logprobs(&baked, &harmful, &Hooks::new(), 4, |_, lp| score += refusal_score(lp, &tokens)).unwrap();
+    score /= harmful.len() as f64;
+    eprintln!("baked: KL {kl} (record {}), refusal score {score} (record {:?})", chosen.kl, chosen.metric);
+    assert!((kl - chosen.kl).abs() <= 1e-3 * (1.0 + kl), "KL {kl} vs record {}", chosen.kl);
+    assert!((score - chosen.metric.unwrap()).abs() <= 1e-3 * (1.0 + score.abs()), "score {score} vs record {:?}", chosen.metric);
+    // A budget no trial meets: one clear line.
+    let search = mechc::search::extract("bake-steering", &table(1e-9), &as_written, &cx).unwrap().unwrap();
+    let e = search.run(model, model, &as_written).err().expect("an unreachable budget fails").to_string();
+    assert!(e.contains("budget unreachable") && e.contains("max_kl") && !e.contains('\n'), "{e}");
 }

@@ -149,8 +149,9 @@ impl Plan {
             }
             let base = file.path.parent().unwrap_or(std::path::Path::new("."));
             let cx = passes::BuildCtx { source, base_dir: base, tok: loaded.tok.as_ref(), progress };
-            let search = crate::search::extract(&spec.name, &opts, &cx).map_err(at)?;
-            let placeholder = search.as_ref().map(|s| s.placeholder_options());
+            let resolve = |t: &toml::Table| select::resolve(t, &steps, &ir).map(|(o, _)| o);
+            let search = crate::search::extract(&spec.name, &spec.options, &resolve, &cx).map_err(at)?;
+            let placeholder = search.as_ref().map(|s| s.placeholder_options(&resolve)).transpose().map_err(at)?;
             let pass = (info.build)(placeholder.as_ref().unwrap_or(&opts), &cx).map_err(at)?;
             built.push((spec.name.clone(), pass));
             options.push(opts);
@@ -173,13 +174,16 @@ impl Plan {
         let mut model = source.clone();
         verifier::check(&model).map_err(|e| Error::invalid(format!("the source model fails the verifier: {e}")))?;
         let mut records = vec![];
+        let ir = self.searches.iter().any(Option::is_some).then(|| crate::ir::Ir::from_model(source));
         for (i, (name, pass)) in self.passes.iter().enumerate() {
             let before = model.param_count();
             let t = Instant::now();
             // A search runs on the model as this pass receives it; the pass is rebuilt with its choice.
             let (searched, options, search) = match &self.searches[i] {
                 Some(s) => {
-                    let (p, o, r) = s.run(&model, source)?;
+                    let ir = ir.as_ref().expect("built when a search exists");
+                    let resolve = |t: &toml::Table| select::resolve(t, &self.steps, ir).map(|(o, _)| o);
+                    let (p, o, r) = s.run(&model, source, &resolve)?;
                     (Some(p), o, Some(r))
                 }
                 None => (None, self.options[i].clone(), None),

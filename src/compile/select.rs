@@ -8,7 +8,8 @@
 //!   (blocks), `heads = ["L3.H2", ..]` (query heads) or `neurons = { "3" = [..] }` (MLP neurons).
 //! - `direction = { by = ID }` (a step that wrote vectors; `layer = L` for that layer's vector instead of
 //!   the best one) becomes `direction = "<cache>/vectors.safetensors:<tensor>"` (also in
-//!   `[verify.steer]`, through [`direction`]).
+//!   `[verify.steer]`, through [`direction`]). A fractional layer (`layer = 13.4`, a pass's only)
+//!   becomes the inline vector (1 − 0.4)·v̂13 + 0.4·v̂14, renormalised (heretic's direction index).
 //!
 //! `ID` is a `[[locate]]` step's id. What was chosen, from which findings (with their hash),
 //! goes into the manifest.
@@ -63,8 +64,8 @@ pub fn resolve(options: &toml::Table, steps: &[StepFindings], ir: &Ir) -> Result
     }
     if let Some(toml::Value::Table(t)) = out.get("direction") {
         let d: FromDirection = super::pipeline::table_as(t).map_err(|e| Error::invalid(format!("direction: {e}")))?;
-        let (path, record) = direction(&d, steps)?;
-        out.insert("direction".into(), toml::Value::String(path));
+        let (value, record) = pass_direction(&d, steps)?;
+        out.insert("direction".into(), value);
         used.push(record);
     }
     Ok((out, used))
@@ -72,11 +73,60 @@ pub fn resolve(options: &toml::Table, steps: &[StepFindings], ir: &Ir) -> Result
 
 /// The vectors file and tensor (`FILE:TENSOR`) a [`FromDirection`] names, and its record.
 pub fn direction(d: &FromDirection, steps: &[StepFindings]) -> Result<(String, Value)> {
+    let layer = match d.layer {
+        Some(l) if l.fract() != 0.0 || l < 0.0 => {
+            return Err(Error::invalid(format!("direction: layer = {l}: a fractional (or negative) layer applies to a pass's direction only")))
+        }
+        l => l.map(|l| l as usize),
+    };
     let step = step(steps, &d.by)?;
+    let (vectors, tensor) = tensor_at(step, layer)?;
+    let path = format!("{}:{tensor}", vectors.display());
+    Ok((path, json!({"option": "direction", "by": step.id, "method": step.method, "findings_sha256": step.sha256, "selected": tensor})))
+}
+
+/// A pass's `direction`: [`direction`]'s `FILE:TENSOR`, or for a fractional layer the mix of
+/// the two layers' unit vectors as an inline array.
+fn pass_direction(d: &FromDirection, steps: &[StepFindings]) -> Result<(toml::Value, Value)> {
+    let Some(l) = d.layer.filter(|l| l.fract() != 0.0) else {
+        let (path, record) = direction(d, steps)?;
+        return Ok((toml::Value::String(path), record));
+    };
+    if !(l > 0.0 && l.is_finite()) {
+        return Err(Error::invalid(format!("direction: layer = {l}: must be ≥ 0")));
+    }
+    let step = step(steps, &d.by)?;
+    let (lo, w) = (l.floor() as usize, l.fract());
+    let (file, a) = tensor_at(step, Some(lo))?;
+    let (_, b) = tensor_at(step, Some(lo + 1))?;
+    let tensors = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).map_err(|e| Error::bad_file(&file, e.to_string()))?;
+    let unit = |name: &str| -> Result<Vec<f64>> {
+        let t = tensors.get(name).ok_or_else(|| Error::bad_file(&file, format!("no tensor `{name}`")))?;
+        let v: Vec<f64> = t.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1()?;
+        let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if !(n > 0.0 && n.is_finite()) {
+            return Err(Error::bad_file(&file, format!("tensor `{name}` has no usable length")));
+        }
+        Ok(v.into_iter().map(|x| x / n).collect())
+    };
+    let (va, vb) = (unit(&a)?, unit(&b)?);
+    let mix: Vec<f64> = va.iter().zip(&vb).map(|(x, y)| (1.0 - w) * x + w * y).collect();
+    let n = mix.iter().map(|x| x * x).sum::<f64>().sqrt();
+    if !(n > 1e-12) {
+        return Err(Error::invalid(format!("direction: layer = {l}: the two layers' directions cancel")));
+    }
+    let value = toml::Value::Array(mix.iter().map(|x| toml::Value::Float(((x / n) as f32) as f64)).collect());
+    let record = json!({"option": "direction", "by": step.id, "method": step.method, "findings_sha256": step.sha256,
+        "selected": format!("{:.3}·{a} + {:.3}·{b}", 1.0 - w, w)});
+    Ok((value, record))
+}
+
+/// The vectors file of `step` and the tensor of `layer` (None: the best layer's).
+fn tensor_at(step: &StepFindings, layer: Option<usize>) -> Result<(std::path::PathBuf, String)> {
     let Some(vectors) = step.vectors_path() else {
         return Err(Error::invalid(format!("direction: `{}` is a {} step, which wrote no vectors (a `direction` step does)", step.id, step.method)));
     };
-    let tensor = match d.layer {
+    let tensor = match layer {
         None => step.findings.summary.get("best_tensor").and_then(Value::as_str).map(str::to_string),
         Some(l) => step
             .findings
@@ -85,9 +135,8 @@ pub fn direction(d: &FromDirection, steps: &[StepFindings]) -> Result<(String, V
             .find(|s| s.extra.get("layer").and_then(Value::as_u64) == Some(l as u64))
             .and_then(|s| s.extra.get("tensor").and_then(Value::as_str).map(str::to_string)),
     }
-    .ok_or_else(|| Error::invalid(format!("direction: the `{}` findings have no vector{}", step.id, d.layer.map_or(String::new(), |l| format!(" at layer {l}")))))?;
-    let path = format!("{}:{tensor}", vectors.display());
-    Ok((path, json!({"option": "direction", "by": step.id, "method": step.method, "findings_sha256": step.sha256, "selected": tensor})))
+    .ok_or_else(|| Error::invalid(format!("direction: the `{}` findings have no vector{}", step.id, layer.map_or(String::new(), |l| format!(" at layer {l}")))))?;
+    Ok((vectors.to_path_buf(), tensor))
 }
 
 /// One line for a record of [`resolve`]: which option came from which findings, and what it
@@ -269,5 +318,37 @@ mod tests {
         assert!(pick(Kind::Head, "{ by = \"s\", lowest = 1 }").unwrap_err().to_string().contains("kind = "));
         assert!(pick(Kind::Neuron, "{ by = \"s\", kind = \"neuron\", lowest = 1, per_group = true }").unwrap_err().to_string().contains("heads only"));
         assert!(pick(Kind::Head, "{ by = \"s\", kind = \"head\", fraction = 2.0 }").unwrap_err().to_string().contains("not in [0, 1]"));
+    }
+
+    /// `direction = { by, layer = 0.25 }` mixes the unit vectors of layers 0 and 1; integer layers
+    /// name the file's tensor; fractions are refused where a file path is needed.
+    #[test]
+    fn a_fractional_layer_mixes_the_two_unit_vectors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = ([3.0f32, 0.0, 0.0, 4.0], [0.0f32, 2.0, 0.0, 0.0]);
+        let t = |v: [f32; 4]| candle_core::Tensor::new(&v, &candle_core::Device::Cpu).unwrap();
+        crate::io::st::write(&dir.path().join("vectors.safetensors"), &[("v0".into(), t(a)), ("v1".into(), t(b))], &BTreeMap::new()).unwrap();
+        let mut f = Findings::new("refusal-direction", "", Value::Null, Source::inline("model"), vec![]);
+        for l in 0..2 {
+            f.push(Component::Direction(l), 1.0).extra = BTreeMap::from([("layer".to_string(), json!(l)), ("tensor".to_string(), json!(format!("v{l}")))]);
+        }
+        f.summary.insert("best_tensor".into(), json!("v1"));
+        let step = StepFindings { id: "r".into(), method: "refusal-direction".into(), options: Value::Null, dir: dir.path().into(), sha256: "h".into(), cached: false, findings: f, seconds: 0.0 };
+        let at = |layer: &str| -> Result<toml::Value> {
+            let opts: toml::Table = toml::from_str(&format!("direction = {{ by = \"r\"{layer} }}")).unwrap();
+            resolve(&opts, std::slice::from_ref(&step), &ir()).map(|r| r.0["direction"].clone())
+        };
+        assert!(at("").unwrap().as_str().unwrap().ends_with("vectors.safetensors:v1"));
+        assert!(at(", layer = 0").unwrap().as_str().unwrap().ends_with(":v0"));
+        let mix: Vec<f64> = at(", layer = 0.25").unwrap().as_array().unwrap().iter().map(|x| x.as_float().unwrap()).collect();
+        // 0.75·(0.6, 0, 0, 0.8) + 0.25·(0, 1, 0, 0), renormalised.
+        let raw = [0.45, 0.25, 0.0, 0.6];
+        let n = raw.iter().map(|x: &f64| x * x).sum::<f64>().sqrt();
+        for (x, r) in mix.iter().zip(raw) {
+            assert!((x - r / n).abs() < 1e-6, "{mix:?}");
+        }
+        assert!(at(", layer = 1.5").unwrap_err().to_string().contains("no vector at layer 2"));
+        let e = direction(&FromDirection { by: "r".into(), layer: Some(0.5) }, std::slice::from_ref(&step)).unwrap_err();
+        assert!(e.to_string().contains("a pass's direction only"), "{e}");
     }
 }

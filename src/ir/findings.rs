@@ -68,11 +68,12 @@ impl Source {
 }
 
 /// `{ by = ID [, layer = L] }`: the vector of a `direction` step (its best layer's by default).
+/// A fractional `L` (a pass's direction only) mixes the unit vectors of the layers either side.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FromDirection {
     pub by: String,
-    pub layer: Option<usize>,
+    pub layer: Option<f64>,
 }
 
 pub fn sha256_bytes(b: &[u8]) -> String {

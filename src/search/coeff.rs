@@ -150,7 +150,7 @@ pub fn search(spec: &SearchSpec, kl: &mut KlFn, metric: &mut MetricFn, n_kl: usi
     let mut points: Vec<Trial> = vec![];
     for &c in &grid {
         let (kl_mean, kl_max) = kl(c)?;
-        points.push(Trial { value: c, stage: "grid", kl: kl_mean, kl_max, within_budget: kl_mean <= spec.max_kl, metric: None, control: None });
+        points.push(Trial { value: c, stage: "grid", kl: kl_mean, kl_max, within_budget: kl_mean <= spec.max_kl, metric: None, control: None, ..Trial::default() });
     }
     if !points[0].within_budget {
         return Err(Error::invalid(format!(
@@ -186,7 +186,7 @@ pub fn search(spec: &SearchSpec, kl: &mut KlFn, metric: &mut MetricFn, n_kl: usi
         let log = log.into_inner();
         let start = points.len();
         for (c, mean, max) in log {
-            points.push(Trial { value: c, stage: "refine", kl: mean, kl_max: max, within_budget: mean <= spec.max_kl, metric: None, control: None });
+            points.push(Trial { value: c, stage: "refine", kl: mean, kl_max: max, within_budget: mean <= spec.max_kl, metric: None, control: None, ..Trial::default() });
         }
         // The bracket: the outermost in-budget point inside [a, b] and the nearest point past it.
         let inside = |c: f64| c.abs() >= a.abs() && c.abs() <= b.abs();
@@ -330,16 +330,20 @@ impl CoeffSearch {
     }
 }
 
+fn at(option: &str, c: f64) -> toml::Table {
+    toml::Table::from_iter([(option.to_string(), toml::Value::Float(c))])
+}
+
 impl Search for CoeffSearch {
     /// The near end of the range.
-    fn placeholder(&self) -> f64 {
-        self.spec.grid_points()[0]
+    fn placeholder(&self) -> toml::Table {
+        at("coeff", self.spec.grid_points()[0])
     }
 
-    fn run(&self, option: &str, model: &Model, twin_at: &dyn Fn(f64) -> Result<Hooks>) -> Result<SearchRecord> {
-        let r = self.outcome(model, twin_at)?;
+    fn run(&self, option: &str, model: &Model, twin_at: &dyn Fn(&toml::Table) -> Result<Hooks>) -> Result<(SearchRecord, toml::Table)> {
+        let r = self.outcome(model, &|c| twin_at(&at(option, c)))?;
         let (lo, hi) = self.spec.range;
-        Ok(SearchRecord {
+        let record = SearchRecord {
             option: option.to_string(),
             method: "grid+brent",
             space: serde_json::json!({ "range": [lo, hi], "grid": self.spec.grid, "tol": self.spec.tol }),
@@ -348,14 +352,13 @@ impl Search for CoeffSearch {
             trials: r.trials,
             chosen: r.value,
             bracket: r.bracket,
-        })
+            front: vec![],
+        };
+        Ok((record, at(option, r.value)))
     }
 
-    fn side_files(&self, record: &SearchRecord) -> Result<Vec<(PathBuf, Vec<u8>)>> {
-        Ok(match &self.plot {
-            Some(p) => vec![(p.clone(), record.plot_svg()?.into_bytes())],
-            None => vec![],
-        })
+    fn plot(&self) -> Option<&PathBuf> {
+        self.plot.as_ref()
     }
 }
 
@@ -409,8 +412,9 @@ mod tests {
         let err = |m: &crate::model::Model, s: &str| -> String {
             let (t, cx) = (s.parse::<toml::Table>().unwrap(), BuildCtx::new(m));
             let info = crate::passes::find("bake-steering").unwrap();
-            let r = crate::search::extract("bake-steering", &t, &cx).and_then(|found| match found {
-                Some(search) => (info.build)(&search.placeholder_options(), &cx).map(|_| ()),
+            let same = |t: &toml::Table| Ok(t.clone());
+            let r = crate::search::extract("bake-steering", &t, &same, &cx).and_then(|found| match found {
+                Some(search) => (info.build)(&search.placeholder_options(&same)?, &cx).map(|_| ()),
                 None => (info.build)(&t, &cx).map(|_| ()),
             });
             match r {
