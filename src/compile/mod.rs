@@ -179,14 +179,16 @@ impl Plan {
             let before = model.param_count();
             let t = Instant::now();
             // A search runs on the model as this pass receives it; the pass is rebuilt with its choice.
-            let (searched, options, search) = match &self.searches[i] {
+            let (searched, options, findings, search) = match &self.searches[i] {
                 Some(s) => {
                     let ir = ir.as_ref().expect("built when a search exists");
                     let resolve = |t: &toml::Table| select::resolve(t, &self.steps, ir).map(|(o, _)| o);
-                    let (p, o, r) = s.run(&model, source, &resolve)?;
-                    (Some(p), o, Some(r))
+                    let (p, written, r) = s.run(&model, source, &resolve)?;
+                    // What the chosen values took from findings (e.g. a searched direction layer).
+                    let (o, used) = select::resolve(&written, &self.steps, ir)?;
+                    (Some(p), o, used, Some(r))
                 }
-                None => (None, self.options[i].clone(), None),
+                None => (None, self.options[i].clone(), self.used[i].clone(), None),
             };
             let pass = searched.as_deref().unwrap_or(pass.as_ref());
             let mut summary = pass.run(&mut model)?;
@@ -199,7 +201,7 @@ impl Plan {
             let rec = PassRecord {
                 name: name.clone(),
                 options,
-                findings: self.used[i].clone(),
+                findings,
                 summary,
                 parameters_before: before,
                 parameters_after: model.param_count(),

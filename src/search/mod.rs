@@ -320,12 +320,15 @@ impl ParamSearch {
     }
 
     /// Search on `model` (the model as the pass receives it; passes are built against `source`,
-    /// as at plan time); then the pass built with the chosen values, its options, and the record.
+    /// as at plan time); then the pass built with the chosen values, its options as written with
+    /// the chosen values set (unresolved: the driver resolves and records them), and the record.
     pub fn run(&self, model: &Model, source: &Model, resolve: &Resolve) -> Result<(Box<dyn Pass>, toml::Table, SearchRecord)> {
         let twin_at = |v: &toml::Table| self.builder.build(v, source, resolve)?.twin(model);
         let (record, chosen) = self.search.run(&self.builder.option, model, &twin_at)?;
         let pass = self.builder.build(&chosen, source, resolve)?;
-        Ok((pass, self.builder.options_at(&chosen, resolve)?, record))
+        let mut written = self.builder.base.clone();
+        written.extend(chosen);
+        Ok((pass, written, record))
     }
 
     pub fn side_files(&self, record: &SearchRecord) -> Result<Vec<(PathBuf, Vec<u8>)>> {
