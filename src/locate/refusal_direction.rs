@@ -224,7 +224,7 @@ fn better(a: &Candidate, b: &Candidate, max_kl: f64) -> bool {
 }
 
 /// Mean refusal score of `prompts` under `hooks`.
-fn mean_refusal(model: &Model, prompts: &[Vec<u32>], hooks: &Hooks, tokens: &[u32], batch: usize) -> Result<f64> {
+pub fn mean_refusal(model: &Model, prompts: &[Vec<u32>], hooks: &Hooks, tokens: &[u32], batch: usize) -> Result<f64> {
     let mut total = 0.0;
     last_logprobs(model, prompts, hooks, batch, |_, lp| total += refusal_score(lp, tokens))?;
     Ok(total / prompts.len() as f64)

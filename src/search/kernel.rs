@@ -29,7 +29,7 @@ use serde::Deserialize;
 use super::{Budget, MetricInfo, Search, SearchRecord, Trial};
 use crate::data::{SetSpec, TextSet};
 use crate::error::{Error, Result};
-use crate::locate::refusal_direction::refusal_score;
+use crate::locate::refusal_direction::mean_refusal;
 use crate::model::Model;
 use crate::passes::BuildCtx;
 use crate::runtime::score::{kl, last_logprobs};
@@ -278,10 +278,9 @@ impl KernelSearch {
     fn measure(&self, model: &Model, hooks: &Hooks, base: &[Vec<f32>]) -> Result<(f64, f64, f64)> {
         let mut kls = vec![0f64; self.kl_prompts.len()];
         last_logprobs(model, &self.kl_prompts, hooks, self.batch, |i, lp| kls[i] = kl(&base[i], lp))?;
-        let mut score = 0.0;
-        last_logprobs(model, &self.harmful, hooks, self.batch, |_, lp| score += refusal_score(lp, &self.refusal_tokens))?;
+        let score = mean_refusal(model, &self.harmful, hooks, &self.refusal_tokens, self.batch)?;
         let n = kls.len() as f64;
-        Ok((kls.iter().sum::<f64>() / n, kls.iter().cloned().fold(0.0, f64::max), score / self.harmful.len() as f64))
+        Ok((kls.iter().sum::<f64>() / n, kls.iter().cloned().fold(0.0, f64::max), score))
     }
 
     fn point_values(&self, point: &BTreeMap<String, f64>) -> toml::Table {
