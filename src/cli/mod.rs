@@ -5,6 +5,7 @@ pub mod cache;
 pub mod compile;
 pub mod diff;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod import;
 pub mod inspect;
@@ -74,6 +75,7 @@ impl ReportArgs {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     Import(import::ImportArgs),
+    Export(export::ExportArgs),
     Inspect(inspect::InspectArgs),
     Generate(generate::GenerateArgs),
     Trace(trace::TraceArgs),
@@ -103,6 +105,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let g = cli.global.clone();
     match cli.command {
         Command::Import(a) => import::run(a, &g),
+        Command::Export(a) => export::run(a, &g),
         Command::Inspect(a) => inspect::run(a, &g),
         Command::Generate(a) => generate::run(a, &g),
         Command::Trace(a) => trace::run(a, &g),

@@ -16,19 +16,12 @@ use crate::error::{Error, Result};
 use crate::io::atomic::OutDir;
 use crate::model::Model;
 
-/// Files a tokenizer may need; copied when the source has them.
-pub const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-];
+pub use crate::io::hf::TOKENIZER_FILES;
 
 pub const MANIFEST: &str = "mechc-manifest.json";
+
+/// The model file of a `format = "gguf"` output directory.
+pub const GGUF_FILE: &str = "model.gguf";
 
 #[derive(Debug, Clone)]
 pub struct EmitOpts {
@@ -36,6 +29,8 @@ pub struct EmitOpts {
     /// Largest shard in bytes (None: one file).
     pub shard_size: Option<u64>,
     pub force: bool,
+    /// Write `model.gguf` (of this type) instead of safetensors + config + tokenizer files.
+    pub gguf: Option<crate::io::gguf_export::GgufType>,
 }
 
 /// Split name-sorted tensors into shards of at most `max` bytes (a larger tensor gets its own).
@@ -66,6 +61,11 @@ pub fn emit(
     manifest: Value,
 ) -> Result<PathBuf> {
     let dir = OutDir::create(out, opts.force, inputs)?;
+    if let Some(ty) = opts.gguf {
+        let name = out.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        crate::io::gguf_export::write_model(model, source_dir, &dir.path().join(GGUF_FILE), ty, &name, metadata)?;
+        return finish(dir, vec![GGUF_FILE.to_string()], manifest);
+    }
     let mut tensors: Vec<(String, Tensor)> =
         model.tensors().into_iter().map(|(r, t)| Ok((r.hf_name(), t.to_dtype(opts.dtype)?))).collect::<Result<_>>()?;
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
@@ -102,6 +102,11 @@ pub fn emit(
             written.push(f.to_string());
         }
     }
+    finish(dir, written, manifest)
+}
+
+/// The manifest (the caller's record + the SHA-256 of every file written), then the rename.
+fn finish(dir: OutDir, mut written: Vec<String>, manifest: Value) -> Result<PathBuf> {
     written.sort();
     let mut files = serde_json::Map::new();
     for f in &written {

@@ -109,7 +109,16 @@ impl Plan {
         let (source, source_dtype) = (&loaded.model, loaded.stored_dtype);
         let p = &file.pipeline;
         let out = output_path(&file, out.as_deref())?;
+        let gguf = match p.output.format.as_deref() {
+            None | Some("safetensors") => None,
+            Some("gguf") => Some(
+                crate::io::gguf_export::GgufType::parse(p.output.dtype.as_deref().unwrap_or("f32"))
+                    .map_err(|e| Error::config(&file.path, "output.dtype", e.to_string()))?,
+            ),
+            Some(other) => return Err(Error::config(&file.path, "output.format", format!("`{other}` is not one of safetensors, gguf"))),
+        };
         let dtype = match &p.output.dtype {
+            Some(_) if gguf.is_some() => candle_core::DType::F32,
             Some(d) => crate::io::st::parse_dtype(d).map_err(|e| Error::config(&file.path, "output.dtype", e.to_string()))?,
             None => source_dtype,
         };
@@ -166,7 +175,7 @@ impl Plan {
                 st.direction = budget::DirectionRef::File(path);
             }
         }
-        Ok(Plan { file, source_path, out, emit: emit::EmitOpts { dtype, shard_size, force }, passes: built, options, steps, used, searches })
+        Ok(Plan { file, source_path, out, emit: emit::EmitOpts { dtype, shard_size, force, gguf }, passes: built, options, steps, used, searches })
     }
 
     /// Run the passes in order on a copy of the source, the structural verifier after each.
@@ -424,6 +433,10 @@ pub fn compile(file: PipelineFile, req: &Request, obs: &mut dyn Observer) -> std
     let (compiled, records) = plan.run_passes(&loaded.model, |r, m| obs.pass(r, m))?;
     if req.dry_run {
         return Ok(Emitted { out: None, target, records, verdict: None });
+    }
+    if plan.emit.gguf.is_some() {
+        // What GGUF cannot express is known now: say it before minutes of verification.
+        crate::io::gguf_export::check(&compiled.cfg)?;
     }
     let verdict = plan.verify(&loaded.model, &compiled, loaded.tok()?, req.progress)?;
     if let Some(v) = &verdict {

@@ -85,7 +85,10 @@ pub struct PassSpec {
 pub struct OutputSpec {
     /// Output directory, relative to the pipeline file (overridden by `--out`).
     pub path: Option<PathBuf>,
-    /// Stored dtype: f32, f16 or bf16 (default: the source's).
+    /// `safetensors` (default: an HF directory) or `gguf` (a directory with `model.gguf` and the
+    /// manifest, for llama.cpp).
+    pub format: Option<String>,
+    /// Stored dtype: f32, f16 or bf16 (default: the source's); for `gguf` also q8_0 (default f32).
     pub dtype: Option<String>,
     /// Largest shard, e.g. "2GB", "500MB" (default: one file).
     pub shard_size: Option<String>,

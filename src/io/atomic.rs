@@ -161,14 +161,25 @@ pub fn make_readable(p: &Path) -> Result<()> {
 
 /// Write one file whole or not at all: into a temporary sibling, then renamed over `path`.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_file_with(path, |w| std::io::Write::write_all(w, bytes).map_err(|e| Error::io(path, e)))
+}
+
+/// [`write_file`] for output streamed by `fill` (through a buffer): a failure in `fill`, in the
+/// flush or in the rename removes the temporary and leaves `path` as it was.
+pub fn write_file_with(path: &Path, fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>) -> Result<()> {
     let abs = absolute(path)?;
     let parent = abs.parent().ok_or_else(|| Error::output(path, "has no parent directory"))?;
     std::fs::create_dir_all(parent).with_path(parent)?;
     let name = abs.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = tmp_sibling(parent, &name);
-    let res = std::fs::write(&tmp, bytes).with_path(&tmp).and_then(|_| make_readable(&tmp)).and_then(|_| {
+    let res = (|| {
+        let file = std::fs::File::create(&tmp).with_path(&tmp)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        fill(&mut w)?;
+        w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
+        make_readable(&tmp)?;
         std::fs::rename(&tmp, &abs).with_path(&abs)
-    });
+    })();
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

@@ -318,6 +318,175 @@ fn byte_level(g: &Gguf, tokens: &[String]) -> Result<J> {
     }))
 }
 
+// ---- the other direction: tokenizer.json → `tokenizer.ggml.*` (GGUF export) ----
+
+const NORMAL: i32 = 1;
+const UNKNOWN: i32 = 2;
+const UNUSED: i32 = 5;
+const BYTE: i32 = 6;
+
+/// `tokenizer.ggml.pre` of a byte-level BPE: the name llama.cpp gives the pre-tokenizer this
+/// tokenizer.json describes (llama.cpp applies its own regex per name, so an unrecognised one is
+/// refused rather than exported as "default" and tokenised differently).
+fn pre_name(pre: &J, path: &std::path::Path) -> Result<&'static str> {
+    let kind = |p: &J| p.get("type").and_then(J::as_str).unwrap_or("").to_string();
+    let parts: Vec<J> = match kind(pre).as_str() {
+        "Sequence" => pre.get("pretokenizers").and_then(J::as_array).cloned().unwrap_or_default(),
+        _ => vec![pre.clone()],
+    };
+    let regex = |p: &J| p.get("pattern").and_then(|x| x.get("Regex")).and_then(J::as_str).map(str::to_string);
+    let kinds: Vec<String> = parts.iter().map(kind).collect();
+    let byte_level_regex = |p: &J| kind(p) == "ByteLevel" && p.get("use_regex").and_then(J::as_bool).unwrap_or(true);
+    match kinds.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["ByteLevel"] if byte_level_regex(&parts[0]) => Ok("gpt-2"),
+        ["Digits", "ByteLevel"]
+            if parts[0].get("individual_digits").and_then(J::as_bool) == Some(true) && byte_level_regex(&parts[1]) =>
+        {
+            Ok("smollm")
+        }
+        ["Split", "ByteLevel"] if regex(&parts[0]).as_deref() == Some(QWEN2_SPLIT) => Ok("qwen2"),
+        ["Split", "ByteLevel"] if regex(&parts[0]).as_deref() == Some(LLAMA3_SPLIT) => Ok("llama-bpe"),
+        _ => Err(Error::config(
+            path,
+            "pre_tokenizer",
+            format!("not one llama.cpp names (gpt-2, smollm, qwen2, llama-bpe): {pre}"),
+        )),
+    }
+}
+
+/// The `tokenizer.ggml.*` metadata (and `tokenizer.chat_template`) of the tokenizer in `dir`, as
+/// llama.cpp's converter writes it: every id up to the model's vocabulary (rows beyond the
+/// tokenizer become `[PADn]`, UNUSED), token types (special added tokens CONTROL, other added
+/// tokens USER_DEFINED, SentencePiece `<0xXX>` BYTE, the unknown token UNKNOWN), the merges of
+/// a byte-level BPE, and for a SentencePiece BPE scores that order its merges (a token's score is
+/// minus the rank of the first merge that makes it, so llama.cpp's best-score-first merging
+/// follows the merge list; the import recovers the same merges from them).
+pub fn gguf_meta(dir: &std::path::Path, cfg: &crate::model::ModelConfig) -> Result<Vec<(String, super::gguf_write::Meta)>> {
+    use super::gguf_write::Meta;
+    let path = dir.join("tokenizer.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let tj: J = serde_json::from_str(&text).map_err(|e| Error::bad_file(&path, format!("invalid JSON: {e}")))?;
+    let tok = crate::tokenizer::Tok::from_dir(dir)?;
+    let model = &tj["model"];
+    if model.get("type").and_then(J::as_str) != Some("BPE") {
+        return Err(Error::config(&path, "model.type", "only BPE tokenizers can be exported to GGUF (byte-level or SentencePiece)"));
+    }
+    let byte_fallback = model.get("byte_fallback").and_then(J::as_bool).unwrap_or(false);
+    let pre = tj.get("pre_tokenizer").filter(|p| !p.is_null());
+    let spm = byte_fallback && !text.contains("\"ByteLevel\"");
+    let vocab = model.get("vocab").and_then(J::as_object).ok_or_else(|| Error::config(&path, "model.vocab", "missing"))?;
+    let mut by_id: BTreeMap<usize, String> = BTreeMap::new();
+    for (t, id) in vocab {
+        let id = id.as_u64().ok_or_else(|| Error::config(&path, "model.vocab", format!("`{t}` has no integer id")))?;
+        by_id.insert(id as usize, t.clone());
+    }
+    let mut added_special: BTreeMap<usize, bool> = BTreeMap::new();
+    for a in tj.get("added_tokens").and_then(J::as_array).into_iter().flatten() {
+        let (Some(id), Some(content)) = (a.get("id").and_then(J::as_u64), a.get("content").and_then(J::as_str)) else {
+            return Err(Error::config(&path, "added_tokens", format!("entry without id/content: {a}")));
+        };
+        by_id.insert(id as usize, content.to_string());
+        added_special.insert(id as usize, a.get("special").and_then(J::as_bool).unwrap_or(false));
+    }
+    let n = by_id.keys().next_back().map_or(0, |&m| m + 1);
+    if n > cfg.vocab_size {
+        return Err(Error::config(&path, "model.vocab", format!("{n} token ids for an embedding of {} rows", cfg.vocab_size)));
+    }
+    // tokenizer_config.json names unk/pad tokens the model section may not.
+    let tcfg: J = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(J::Null);
+    let named = |k: &str| match tcfg.get(k) {
+        Some(J::String(s)) => Some(s.clone()),
+        Some(J::Object(o)) => o.get("content").and_then(J::as_str).map(str::to_string),
+        _ => None,
+    };
+    let unk = model.get("unk_token").and_then(J::as_str).map(str::to_string).or_else(|| named("unk_token"));
+    let pad = named("pad_token");
+    let mut tokens = Vec::with_capacity(cfg.vocab_size);
+    let mut types = Vec::with_capacity(cfg.vocab_size);
+    for i in 0..cfg.vocab_size {
+        let Some(t) = by_id.get(&i) else {
+            tokens.push(format!("[PAD{i}]"));
+            types.push(UNUSED);
+            continue;
+        };
+        let is_byte = spm && t.len() == 6 && t.starts_with("<0x") && t.ends_with('>');
+        types.push(match added_special.get(&i) {
+            Some(true) => CONTROL as i32,
+            Some(false) => USER_DEFINED as i32,
+            None if unk.as_deref() == Some(t.as_str()) => UNKNOWN,
+            None if is_byte => BYTE,
+            None => NORMAL,
+        });
+        tokens.push(t.clone());
+    }
+    let merges: Vec<String> = model
+        .get("merges")
+        .and_then(J::as_array)
+        .into_iter()
+        .flatten()
+        .map(|m| match m {
+            J::String(s) => Ok(s.clone()),
+            J::Array(p) if p.len() == 2 && p.iter().all(J::is_string) => {
+                Ok(format!("{} {}", p[0].as_str().unwrap_or_default(), p[1].as_str().unwrap_or_default()))
+            }
+            other => Err(Error::config(&path, "model.merges", format!("`{other}` is not a merge"))),
+        })
+        .collect::<Result<_>>()?;
+    let id_of = |s: &Option<String>| s.as_ref().and_then(|s| tokens.iter().position(|t| t == s)).map(|i| i as u32);
+    let mut m: Vec<(String, Meta)> = vec![];
+    let mut put = |k: &str, v: Meta| m.push((format!("tokenizer.{k}"), v));
+    if spm {
+        let mut score = vec![0f32; tokens.len()];
+        let mut seen = vec![false; tokens.len()];
+        let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+        for (rank, mg) in merges.iter().enumerate() {
+            let Some(&i) = index.get(mg.replacen(' ', "", 1).as_str()) else { continue };
+            if !seen[i] {
+                seen[i] = true;
+                score[i] = -(rank as f32) - 1.0;
+            }
+        }
+        let prefix = tj["normalizer"].to_string().contains("\"Prepend\"")
+            || pre.is_some_and(|p| p.get("prepend_scheme").and_then(J::as_str).is_some_and(|s| s != "never"));
+        put("ggml.model", Meta::str("llama"));
+        put("ggml.tokens", Meta::StrArr(tokens.clone()));
+        put("ggml.scores", Meta::F32Arr(score));
+        put("ggml.token_type", Meta::I32Arr(types));
+        put("ggml.add_space_prefix", Meta::Bool(prefix));
+    } else {
+        let Some(pre) = pre else {
+            return Err(Error::config(&path, "pre_tokenizer", "a byte-level BPE without a pre-tokenizer cannot be exported"));
+        };
+        put("ggml.model", Meta::str("gpt2"));
+        put("ggml.pre", Meta::str(pre_name(pre, &path)?));
+        put("ggml.tokens", Meta::StrArr(tokens.clone()));
+        put("ggml.token_type", Meta::I32Arr(types));
+        put("ggml.merges", Meta::StrArr(merges));
+    }
+    // Special ids: the generation config's (what generation stops on) first, else the tokenizer's.
+    let bos = cfg.bos_token_id.or_else(|| id_of(&tok.bos_token));
+    let eos = cfg.eos_token_ids.first().copied().or_else(|| id_of(&tok.eos_token));
+    for (k, id) in [("bos", bos), ("eos", eos), ("unknown", id_of(&unk)), ("padding", id_of(&pad))] {
+        if let Some(id) = id {
+            put(&format!("ggml.{k}_token_id"), Meta::U32(id));
+        }
+    }
+    // BOS/EOS added to every encoding: what the post-processor does (as tokenizers applies it).
+    let probe = tok.encode("a", true)?;
+    let bare = tok.encode("a", false)?;
+    let add_bos = probe.len() > bare.len() && bos.is_some_and(|b| probe.first() == Some(&b));
+    let add_eos = probe.len() > bare.len() && eos.is_some_and(|e| probe.last() == Some(&e));
+    put("ggml.add_bos_token", Meta::Bool(add_bos));
+    put("ggml.add_eos_token", Meta::Bool(add_eos));
+    if let Some(t) = &tok.chat_template {
+        put("chat_template", Meta::str(t.clone()));
+    }
+    Ok(m)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,18 @@ use crate::model::{Model, ModelConfig, TensorRole};
 
 use super::st::StFile;
 
+/// Files a tokenizer may need; copied when the source has them.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+];
+
 /// The safetensors files of a directory and which file holds which tensor.
 pub struct Shards {
     pub files: Vec<StFile>,
@@ -70,6 +82,11 @@ impl Shards {
             Some(&i) => self.files[i].get(name),
             None => Ok(None),
         }
+    }
+
+    /// [`StFile::release`] every file.
+    pub fn release(&self) {
+        self.files.iter().for_each(StFile::release);
     }
 
     /// The file a tensor is in (for error messages).

@@ -7,7 +7,9 @@ pub mod atomic;
 pub mod cache;
 pub mod control_vector;
 pub mod gguf;
+pub mod gguf_export;
 pub mod gguf_tokenizer;
+pub mod gguf_write;
 pub mod hf;
 pub mod st;
 

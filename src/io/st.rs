@@ -42,6 +42,17 @@ impl StFile {
         Ok(meta.metadata().clone())
     }
 
+    /// Drop the pages read so far from this process's memory (they are re-read from the file
+    /// if touched again): a streaming reader calls this so that its resident set holds the
+    /// tensor in hand, not every page of the file it has passed.
+    pub fn release(&self) {
+        // SAFETY: the mapping is private and read-only; MADV_DONTNEED on it only discards clean
+        // pages, which later reads fault back in from the file unchanged. No reference into the
+        // mapping outlives this call's callers' tensors (they are copied out by `get`).
+        #[cfg(unix)]
+        let _ = unsafe { self.mmap.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+    }
+
     /// Load a tensor (any float dtype) as stored; `None` when absent.
     pub fn get(&self, name: &str) -> Result<Option<Tensor>> {
         let st = self.view()?;
