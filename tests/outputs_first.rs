@@ -34,6 +34,7 @@ fn an_existing_output_is_refused_before_the_model_is_read() {
 
     assert_output_error(&["import", m, "--out", od], &existing_dir, &existing_dir.join("keep.txt"));
     assert_output_error(&["trace", m, "--prompt", "hi", "--out", of], &existing, &existing);
+    assert_output_error(&["export", m, "--gguf", of], &existing, &existing);
     assert_output_error(&["random-model", "--out", od], &existing_dir, &existing_dir.join("keep.txt"));
     assert_output_error(&["diff", m, m, "--prompts", p, "--report", of], &existing, &existing);
     assert_output_error(&["eval", "perplexity", "--model", m, "--text", p, "--report", of], &existing, &existing);
