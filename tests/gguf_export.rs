@@ -1,7 +1,7 @@
 //! GGUF export (`mechc export --gguf`, `[output] format = "gguf"`), checked through mechc's own
 //! import (candle's GGUF reader, an independent parser): every float type gives back the tensors
-//! it stored bit for bit (F32 the source itself), Q8_0 gives back what candle's Q8_0 quantiser
-//! makes of the source, the tokenizer comes back identical, the bytes are deterministic, and what
+//! it stored bit for bit (F32 the source itself), Q8_0/Q4_0 give back what candle's quantisers
+//! make of the source, the tokenizer comes back identical, the bytes are deterministic, and what
 //! GGUF cannot express is refused before anything is written. llama.cpp itself loading and running
 //! the exports is tests/interop/test_gguf_llamacpp.py.
 
@@ -40,7 +40,7 @@ fn round_trip(gguf: &Path) {
     let cfg = mechc::io::hf::read_config(&src).unwrap();
     let gguf_names: BTreeMap<String, String> =
         mechc::model::TensorRole::all(&cfg).into_iter().map(|r| (r.hf_name(), mechc::io::gguf::gguf_name(r))).collect();
-    for (ty, ggml) in [("f32", GgmlDType::F32), ("f16", GgmlDType::F16), ("bf16", GgmlDType::BF16), ("q8_0", GgmlDType::Q8_0)] {
+    for (ty, ggml) in [("f32", GgmlDType::F32), ("f16", GgmlDType::F16), ("bf16", GgmlDType::BF16), ("q8_0", GgmlDType::Q8_0), ("q4_0", GgmlDType::Q4_0)] {
         let out = tmp.path().join(format!("{ty}.gguf"));
         common::mechc().arg("export").arg(&src).arg("--gguf").arg(&out).args(["--type", ty]).assert().success();
         let g = mechc::io::gguf::Gguf::open(&out).unwrap();
@@ -49,10 +49,10 @@ fn round_trip(gguf: &Path) {
         let got = tensors(&back);
         assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{ty}");
         for (name, w) in &want {
-            // 1-D stays F32; a Q8_0 row not divisible by 32 is stored F16 (as llama.cpp's converter does).
+            // 1-D stays F32; a quantised row not divisible by 32 is stored F16 (as llama.cpp's converter does).
             let expect = match (w.rank(), ggml) {
                 (1, _) => GgmlDType::F32,
-                (_, GgmlDType::Q8_0) if w.dims()[1] % 32 != 0 => GgmlDType::F16,
+                (_, GgmlDType::Q8_0 | GgmlDType::Q4_0) if w.dims()[1] % 32 != 0 => GgmlDType::F16,
                 _ => ggml,
             };
             assert_eq!(g.content.tensor_infos[&gguf_names[name]].ggml_dtype, expect, "{ty} {name}");

@@ -11,7 +11,7 @@ use crate::io::gguf_export::GgufType;
 ///
 /// Llama and Qwen2 architectures; the tokenizer (byte-level BPE or SentencePiece) and the chat
 /// template go into the GGUF metadata. --type sets the type of the 2-D weights (norms and biases
-/// stay F32; Q8_0 stores a row not divisible by 32 as F16). A model that GGUF cannot express as
+/// stay F32; Q8_0/Q4_0 store a row not divisible by 32 as F16). A model that GGUF cannot express as
 /// llama.cpp reads it (different head counts or MLP widths per layer, RoPE scaling, biases
 /// llama.cpp's qwen2 lacks) is refused with the reason, and nothing is written. The file is
 /// written to a temporary sibling and renamed into place; the same model and type give the same

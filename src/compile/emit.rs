@@ -62,8 +62,12 @@ pub fn emit(
 ) -> Result<PathBuf> {
     let dir = OutDir::create(out, opts.force, inputs)?;
     if let Some(ty) = opts.gguf {
+        // The provenance as GGUF keys: mechc_version → mechc.version, ...
+        let mut extra: BTreeMap<String, String> =
+            metadata.iter().map(|(k, v)| (k.replacen("mechc_", "mechc.", 1), v.clone())).collect();
         let name = out.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
-        crate::io::gguf_export::write_model(model, source_dir, &dir.path().join(GGUF_FILE), ty, &name, metadata)?;
+        extra.insert("general.name".into(), name);
+        crate::io::gguf_export::write_model(model, source_dir, &dir.path().join(GGUF_FILE), ty, &extra)?;
         return finish(dir, vec![GGUF_FILE.to_string()], manifest);
     }
     let mut tensors: Vec<(String, Tensor)> =

@@ -4,8 +4,10 @@
 //! RoPE and keeps HF's layout), the architecture as `{arch}.*` metadata under the names
 //! llama.cpp's loader reads, and the tokenizer as `tokenizer.ggml.*` (`gguf_tokenizer.rs`).
 //!
-//! Types: F32, F16, BF16 and Q8_0 (candle's quantiser; a row whose length is not a multiple of
-//! Q8_0's block of 32 is stored F16, as llama.cpp's converter falls back). 1-D tensors (norms,
+//! Types: F32, F16, BF16, Q8_0 and Q4_0 (candle's quantisers, byte for byte llama.cpp's reference
+//! ones, which the interop tests check against gguf-py; a row whose length is not a multiple of
+//! the block of 32 is stored F16, as llama.cpp's converter falls back). No K-quants: their
+//! 256-wide blocks do not divide SmolLM2's rows and llama.cpp's converter does not write them. 1-D tensors (norms,
 //! biases) stay F32, as llama.cpp's converter keeps them. Streams one tensor at a time into a
 //! temporary file renamed into place: nothing is left behind on error and the input is never
 //! touched; the bytes depend only on the model and the options.
@@ -27,10 +29,11 @@ pub enum GgufType {
     F16,
     BF16,
     Q8_0,
+    Q4_0,
 }
 
 impl GgufType {
-    pub const NAMES: &'static [&'static str] = &["f32", "f16", "bf16", "q8_0"];
+    pub const NAMES: &'static [&'static str] = &["f32", "f16", "bf16", "q8_0", "q4_0"];
 
     pub fn parse(s: &str) -> Result<GgufType> {
         match s.to_ascii_lowercase().as_str() {
@@ -38,7 +41,8 @@ impl GgufType {
             "f16" => Ok(GgufType::F16),
             "bf16" => Ok(GgufType::BF16),
             "q8_0" => Ok(GgufType::Q8_0),
-            other => Err(Error::invalid(format!("GGUF type `{other}` is not supported (f32, f16, bf16, q8_0)"))),
+            "q4_0" => Ok(GgufType::Q4_0),
+            other => Err(Error::invalid(format!("GGUF type `{other}` is not supported (f32, f16, bf16, q8_0, q4_0)"))),
         }
     }
 
@@ -48,15 +52,17 @@ impl GgufType {
             GgufType::F16 => GgmlDType::F16,
             GgufType::BF16 => GgmlDType::BF16,
             GgufType::Q8_0 => GgmlDType::Q8_0,
+            GgufType::Q4_0 => GgmlDType::Q4_0,
         }
     }
 
-    /// `general.file_type` (llama.cpp's `llama_ftype`: ALL_F32 0, MOSTLY_F16 1, MOSTLY_Q8_0 7,
-    /// MOSTLY_BF16 32).
+    /// `general.file_type` (llama.cpp's `llama_ftype`: ALL_F32 0, MOSTLY_F16 1, MOSTLY_Q4_0 2,
+    /// MOSTLY_Q8_0 7, MOSTLY_BF16 32).
     fn file_type(self) -> u32 {
         match self {
             GgufType::F32 => 0,
             GgufType::F16 => 1,
+            GgufType::Q4_0 => 2,
             GgufType::Q8_0 => 7,
             GgufType::BF16 => 32,
         }
@@ -122,13 +128,12 @@ fn arch_name(cfg: &ModelConfig) -> Result<&'static str> {
 }
 
 /// `{arch}.*` and `general.*` metadata.
-fn arch_meta(cfg: &ModelConfig, ty: GgufType, name: &str) -> Result<Vec<(String, Meta)>> {
+fn arch_meta(cfg: &ModelConfig, ty: GgufType) -> Result<Vec<(String, Meta)>> {
     let a = arch_name(cfg)?;
     let k = |s: &str| format!("{a}.{s}");
     let u = |x: usize| Meta::U32(x as u32);
     let mut m = vec![
         ("general.architecture".to_string(), Meta::str(a)),
-        ("general.name".to_string(), Meta::str(name)),
         ("general.file_type".to_string(), Meta::U32(ty.file_type())),
         ("general.quantization_version".to_string(), Meta::U32(2)),
         (k("vocab_size"), u(cfg.vocab_size)),
@@ -199,18 +204,18 @@ fn write_tensor<W: std::io::Write>(
 }
 
 /// Write `cfg`'s model as GGUF at `out`, fetching each tensor from `get` when it is written.
-/// `tokenizer_dir` holds the tokenizer files; `extra` metadata (provenance) is appended.
+/// `tokenizer_dir` holds the tokenizer files; `extra` string metadata (`general.name`,
+/// provenance) is appended.
 pub fn write(
     out: &Path,
     cfg: &ModelConfig,
     tokenizer_dir: &Path,
     ty: GgufType,
-    name: &str,
     extra: &BTreeMap<String, String>,
     show_progress: bool,
     mut get: impl FnMut(TensorRole) -> Result<Tensor>,
 ) -> Result<PathBuf> {
-    let mut meta = arch_meta(cfg, ty, name)?;
+    let mut meta = arch_meta(cfg, ty)?;
     meta.extend(super::gguf_tokenizer::gguf_meta(tokenizer_dir, cfg)?);
     meta.extend(extra.iter().map(|(k, v)| (k.clone(), Meta::str(v))));
     let roles = TensorRole::all(cfg);
@@ -250,11 +255,10 @@ pub fn write_model(
     tokenizer_dir: &Path,
     out: &Path,
     ty: GgufType,
-    name: &str,
     extra: &BTreeMap<String, String>,
 ) -> Result<PathBuf> {
     let by_role: BTreeMap<TensorRole, Tensor> = model.tensors().into_iter().collect();
-    write(out, &model.cfg, tokenizer_dir, ty, name, extra, false, |r| {
+    write(out, &model.cfg, tokenizer_dir, ty, extra, false, |r| {
         by_role.get(&r).cloned().ok_or_else(|| Error::invalid(format!("the model has no tensor `{}`", r.hf_name())))
     })
 }
@@ -276,12 +280,10 @@ pub fn export_dir(dir: &Path, out: &Path, ty: GgufType, force: bool, show_progre
     let mut extra = BTreeMap::new();
     extra.insert("mechc.version".to_string(), env!("CARGO_PKG_VERSION").to_string());
     extra.insert("mechc.source".to_string(), name.clone());
-    let embed = TensorRole::Embed.hf_name();
-    write(out, &cfg, dir, ty, &name, &extra, show_progress, |r| {
+    extra.insert("general.name".to_string(), name);
+    write(out, &cfg, dir, ty, &extra, show_progress, |r| {
         let n = r.hf_name();
-        // A tied checkpoint's unembedding is the embedding (not written: llama.cpp ties it).
-        let t = shards.get(&n)?.or(if r == TensorRole::LmHead { shards.get(&embed)? } else { None });
-        let t = t.ok_or_else(|| Error::bad_file(shards.file_of(&n), format!("missing tensor `{n}`")))?;
+        let t = shards.get(&n)?.ok_or_else(|| Error::bad_file(shards.file_of(&n), format!("missing tensor `{n}`")))?;
         shards.release();
         crate::model::check_finite(&t, &n, &shards.file_of(&n))?;
         Ok(t)

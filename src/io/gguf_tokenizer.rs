@@ -436,6 +436,10 @@ pub fn gguf_meta(dir: &std::path::Path, cfg: &crate::model::ModelConfig) -> Resu
         })
         .collect::<Result<_>>()?;
     let id_of = |s: &Option<String>| s.as_ref().and_then(|s| tokens.iter().position(|t| t == s)).map(|i| i as u32);
+    // Special ids: the generation config's (what generation stops on) first, else the tokenizer's.
+    let bos = cfg.bos_token_id.or_else(|| id_of(&tok.bos_token));
+    let eos = cfg.eos_token_ids.first().copied().or_else(|| id_of(&tok.eos_token));
+    let special_ids = [("bos", bos), ("eos", eos), ("unknown", id_of(&unk)), ("padding", id_of(&pad))];
     let mut m: Vec<(String, Meta)> = vec![];
     let mut put = |k: &str, v: Meta| m.push((format!("tokenizer.{k}"), v));
     if spm {
@@ -452,7 +456,7 @@ pub fn gguf_meta(dir: &std::path::Path, cfg: &crate::model::ModelConfig) -> Resu
         let prefix = tj["normalizer"].to_string().contains("\"Prepend\"")
             || pre.is_some_and(|p| p.get("prepend_scheme").and_then(J::as_str).is_some_and(|s| s != "never"));
         put("ggml.model", Meta::str("llama"));
-        put("ggml.tokens", Meta::StrArr(tokens.clone()));
+        put("ggml.tokens", Meta::StrArr(tokens));
         put("ggml.scores", Meta::F32Arr(score));
         put("ggml.token_type", Meta::I32Arr(types));
         put("ggml.add_space_prefix", Meta::Bool(prefix));
@@ -462,14 +466,11 @@ pub fn gguf_meta(dir: &std::path::Path, cfg: &crate::model::ModelConfig) -> Resu
         };
         put("ggml.model", Meta::str("gpt2"));
         put("ggml.pre", Meta::str(pre_name(pre, &path)?));
-        put("ggml.tokens", Meta::StrArr(tokens.clone()));
+        put("ggml.tokens", Meta::StrArr(tokens));
         put("ggml.token_type", Meta::I32Arr(types));
         put("ggml.merges", Meta::StrArr(merges));
     }
-    // Special ids: the generation config's (what generation stops on) first, else the tokenizer's.
-    let bos = cfg.bos_token_id.or_else(|| id_of(&tok.bos_token));
-    let eos = cfg.eos_token_ids.first().copied().or_else(|| id_of(&tok.eos_token));
-    for (k, id) in [("bos", bos), ("eos", eos), ("unknown", id_of(&unk)), ("padding", id_of(&pad))] {
+    for (k, id) in special_ids {
         if let Some(id) = id {
             put(&format!("ggml.{k}_token_id"), Meta::U32(id));
         }
