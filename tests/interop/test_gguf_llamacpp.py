@@ -10,7 +10,9 @@ tokenizer and forward).
 - Q8_0 and Q4_0: every quantised tensor is byte for byte llama.cpp's own quantiser's (gguf-py)
   output; top-1 agreement with the F32 export (both in llama.cpp) is reported (Q8_0 >= 97% here).
 - Compiles with `[output] format = "gguf"` on SmolLM2: skip-layers, FLAP neuron pruning with
-  mean compensation (ffn biases), a ROME edit and a directional-ablation bake load and match
+  mean compensation (ffn biases), one query head per kv group removed with mean compensation
+  (6 heads × 64 ≠ n_embd 576: `key_length` written; attention biases), a ROME edit and a
+  directional-ablation bake load and match
   mechc's logits on the same file; greedy generation of the edited model says the new fact.
 - The control vector of a bake-steering add, applied by llama.cpp to the source, gives the baked
   model's logits (the pass's twin in llama.cpp).
@@ -172,6 +174,8 @@ COMPILES = {
     "flap-mean": (f'[[locate]]\nid = "flap"\nmethod = "neuron-importance"\nby = "flap"\ntext = "{WIKI}"\ntokens = 512\n'
                   f'[[pass]]\nname = "prune-neurons"\nselect = {{ by = "flap", fraction = 0.25, per_layer = true }}\n'
                   f'uniform = true\ncompensate = "mean"\nmean_over_text = "{WIKI}"\ntokens = 512'),
+    "heads-mean": (f'name = "prune-heads"\nper_group = 1\nuniform = true\ncompensate = "mean"\n'
+                   f'mean_over_text = "{WIKI}"\ntokens = 512'),
     "rome-1": f'name = "rank-one-edit"\nfacts = "{FACTS}"\nids = [0]\nlayer = 4\ncovariance = "identity"',
     "ablate": 'name = "bake-steering"\nmode = "ablate"\ndirection = "DIR:dir"',
 }
