@@ -136,6 +136,18 @@ fn a_pipeline_writes_gguf_with_its_manifest() {
     let g = mechc::io::gguf::Gguf::open(&out.join("model.gguf")).unwrap();
     assert_eq!(g.u64("llama.block_count").unwrap(), 4);
     assert_eq!(g.u64("general.file_type").unwrap(), 7);
+    // Output options GGUF cannot honour are refused before the model is read.
+    for (extra, needle) in [("shard_size = \"100MB\"\n", "shard_size"), ("", "q3_9")] {
+        let p = tmp.path().join("bad.toml");
+        let dtype = if extra.is_empty() { "q3_9" } else { "f16" };
+        std::fs::write(
+            &p,
+            format!("version = 1\n[model]\npath = \"no-such-model.gguf\"\n[output]\npath = \"o\"\nformat = \"gguf\"\ndtype = \"{dtype}\"\n{extra}"),
+        )
+        .unwrap();
+        let e = common::fails(common::mechc().arg("compile").arg(&p), &[needle]);
+        assert!(!e.contains("no-such-model"), "{e}");
+    }
     let p = pipeline("uneven", "name = \"prune-heads\"\nheads = [\"L1.H0\", \"L1.H2\", \"L1.H4\", \"L1.H6\"]");
     common::fails(common::mechc().arg("compile").arg(&p), &["attention heads"]);
     assert!(!tmp.path().join("out-uneven").exists());

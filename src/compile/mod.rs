@@ -109,14 +109,7 @@ impl Plan {
         let (source, source_dtype) = (&loaded.model, loaded.stored_dtype);
         let p = &file.pipeline;
         let out = output_path(&file, out.as_deref())?;
-        let gguf = match p.output.format.as_deref() {
-            None | Some("safetensors") => None,
-            Some("gguf") => Some(
-                crate::io::gguf_export::GgufType::parse(p.output.dtype.as_deref().unwrap_or("f32"))
-                    .map_err(|e| Error::config(&file.path, "output.dtype", e.to_string()))?,
-            ),
-            Some(other) => return Err(Error::config(&file.path, "output.format", format!("`{other}` is not one of safetensors, gguf"))),
-        };
+        let gguf = gguf_output(&file)?;
         let dtype = match &p.output.dtype {
             Some(_) if gguf.is_some() => candle_core::DType::F32,
             Some(d) => crate::io::st::parse_dtype(d).map_err(|e| Error::config(&file.path, "output.dtype", e.to_string()))?,
@@ -414,6 +407,21 @@ pub fn output_path(file: &PipelineFile, out: Option<&std::path::Path>) -> Result
     }
 }
 
+/// `[output] format = "gguf"`: the GGUF type (`dtype`, default f32); `None` for safetensors.
+fn gguf_output(file: &PipelineFile) -> Result<Option<crate::io::gguf_export::GgufType>> {
+    let o = &file.pipeline.output;
+    match o.format.as_deref() {
+        None | Some("safetensors") => Ok(None),
+        Some("gguf") if o.shard_size.is_some() => {
+            Err(Error::config(&file.path, "output.shard_size", "GGUF output is one file (shard_size is for safetensors)"))
+        }
+        Some("gguf") => crate::io::gguf_export::GgufType::parse(o.dtype.as_deref().unwrap_or("f32"))
+            .map(Some)
+            .map_err(|e| Error::config(&file.path, "output.dtype", e.to_string())),
+        Some(other) => Err(Error::config(&file.path, "output.format", format!("`{other}` is not one of safetensors, gguf"))),
+    }
+}
+
 /// Compile a pipeline: check the output and the steps' options (before anything is loaded),
 /// load the source, locate, run the passes, verify the budgets, emit — or write nothing.
 pub fn compile(file: PipelineFile, req: &Request, obs: &mut dyn Observer) -> std::result::Result<Emitted, Failure> {
@@ -421,6 +429,7 @@ pub fn compile(file: PipelineFile, req: &Request, obs: &mut dyn Observer) -> std
     if !req.dry_run && target.exists() && !req.force {
         return Err(Error::output(&target, "already exists (pass --force to replace it)").into());
     }
+    gguf_output(&file)?;
     let prepared = locate_steps::prepare(&file)?;
     let source_path = file.resolve(&file.pipeline.model.path);
     let loaded = crate::io::load(&source_path, req.progress)?;
