@@ -22,6 +22,7 @@ Run: MECHC_BIN=target/release/mechc .cache/venv/bin/python -m pytest tests/inter
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +65,6 @@ def run_logits(llm, ids: list[int]) -> np.ndarray:
 def mechc_traces(mechc, gguf: Path, prompts: dict[str, str], work: Path) -> dict[str, tuple[list[int], np.ndarray]]:
     """mechc's ids and logits for each prompt, reading the GGUF through mechc's own import (into
     `work`, removed after: not into the cache, which would keep a copy of every compile)."""
-    import shutil
-
     from safetensors.numpy import load_file
 
     d = work / f"{gguf.parent.name}-import"
@@ -193,7 +192,13 @@ def test_compiled_gguf_runs_in_llama_cpp_like_mechc(name, mechc, workdir, direct
     pipe = workdir / f"gguf-{name}.toml"
     pipe.write_text(f'version = 1\n[model]\npath = "{spec.gguf}"\n{body}\n[output]\npath = "{out}"\nformat = "gguf"\n')
     mechc.run("compile", pipe, "--force", timeout=1800)
-    gguf = out / "model.gguf"
+    try:
+        check_compiled(name, mechc, out / "model.gguf", workdir, report)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # 0.5 GB each; CI disks are small
+
+
+def check_compiled(name: str, mechc, gguf: Path, workdir: Path, report) -> None:
     llm = load(gguf)
     worst = 0.0
     prompts = {"short": SHORT, "code": CODE}
@@ -246,6 +251,7 @@ def test_control_vector_moves_llama_cpp_as_mechcs_bake(mechc, exports, workdir, 
     rc = llama_cpp.llama_set_adapter_cvec(llm._ctx.ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), len(data),
                                           n_embd, 1, n_layer - 1)
     assert rc == 0, rc
+    shutil.rmtree(out, ignore_errors=True)
     for tid, (ids, theirs) in baked.items():
         ours = run_logits(llm, ids)
         diff, moved = float(np.abs(ours - theirs).max()), float(np.abs(ours - plain[tid]).max())
