@@ -20,7 +20,7 @@
 //! max_kl = 0.1
 //! [output]
 //! path = "../out/smollm2-skip"
-//! dtype = "f32"
+//! dtype = "f32"                               # format = "gguf" (+ dtype q8_0…) for llama.cpp
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -88,7 +88,7 @@ pub struct OutputSpec {
     /// `safetensors` (default: an HF directory) or `gguf` (a directory with `model.gguf` and the
     /// manifest, for llama.cpp).
     pub format: Option<String>,
-    /// Stored dtype: f32, f16 or bf16 (default: the source's); for `gguf` also q8_0 (default f32).
+    /// Stored dtype: f32, f16 or bf16 (default: the source's); for `gguf` also q8_0, q4_0 (default f32).
     pub dtype: Option<String>,
     /// Largest shard, e.g. "2GB", "500MB" (default: one file).
     pub shard_size: Option<String>,
