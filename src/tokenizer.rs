@@ -11,6 +11,9 @@ pub struct Tok {
     pub chat_template: Option<String>,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
+    /// tokenizer_config.json's `unk_token` / `pad_token` (what a GGUF export names).
+    pub unk_token: Option<String>,
+    pub pad_token: Option<String>,
 }
 
 impl Tok {
@@ -19,7 +22,7 @@ impl Tok {
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| Error::bad_file(&path, format!("cannot load tokenizer: {e}")))?;
         let cfg_path = dir.join("tokenizer_config.json");
-        let mut tok = Tok { inner, chat_template: None, bos_token: None, eos_token: None };
+        let mut tok = Tok { inner, chat_template: None, bos_token: None, eos_token: None, unk_token: None, pad_token: None };
         if cfg_path.exists() {
             let text = std::fs::read_to_string(&cfg_path).with_path(&cfg_path)?;
             let cfg: serde_json::Value =
@@ -33,6 +36,8 @@ impl Tok {
             };
             tok.bos_token = token_str("bos_token");
             tok.eos_token = token_str("eos_token");
+            tok.unk_token = token_str("unk_token");
+            tok.pad_token = token_str("pad_token");
             tok.chat_template = match cfg.get("chat_template") {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
                 _ => None,

@@ -121,7 +121,7 @@ fn word_tokenizer(vocab: usize) -> Tok {
         "model": {"type": "WordLevel", "vocab": words, "unk_token": "w0"}
     });
     let inner = json.to_string().parse::<tokenizers::Tokenizer>().expect("word-level tokenizer");
-    Tok { inner, chat_template: None, bos_token: None, eos_token: None }
+    Tok { inner, chat_template: None, bos_token: None, eos_token: None, unk_token: None, pad_token: None }
 }
 
 /// Run one fixture; Err is the failure report.

@@ -393,17 +393,8 @@ pub fn gguf_meta(dir: &std::path::Path, cfg: &crate::model::ModelConfig) -> Resu
         return Err(Error::config(&path, "model.vocab", format!("{n} token ids for an embedding of {} rows", cfg.vocab_size)));
     }
     // tokenizer_config.json names unk/pad tokens the model section may not.
-    let tcfg: J = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(J::Null);
-    let named = |k: &str| match tcfg.get(k) {
-        Some(J::String(s)) => Some(s.clone()),
-        Some(J::Object(o)) => o.get("content").and_then(J::as_str).map(str::to_string),
-        _ => None,
-    };
-    let unk = model.get("unk_token").and_then(J::as_str).map(str::to_string).or_else(|| named("unk_token"));
-    let pad = named("pad_token");
+    let unk = model.get("unk_token").and_then(J::as_str).map(str::to_string).or_else(|| tok.unk_token.clone());
+    let pad = tok.pad_token.clone();
     let mut tokens = Vec::with_capacity(cfg.vocab_size);
     let mut types = Vec::with_capacity(cfg.vocab_size);
     for i in 0..cfg.vocab_size {
