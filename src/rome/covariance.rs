@@ -153,6 +153,16 @@ pub fn default_cache_dir() -> PathBuf {
 fn cache_key(model: &Model, layer: usize, ids: &[u32], seq_len: usize) -> Result<String> {
     let mut h = Sha256::new();
     h.update(format!("mechc-rome-cov-v{CACHE_VERSION} layer={layer} seq_len={seq_len} tokens={}\n", ids.len()));
+    hash_weights_through(&mut h, model, layer)?;
+    for id in ids {
+        h.update(id.to_le_bytes());
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Feeds `h` every weight that block `layer`'s MLP input (the key) depends on: the embedding,
+/// every projection of blocks `0..layer`, and block `layer` up to its gate and up projections.
+pub(crate) fn hash_weights_through(h: &mut Sha256, model: &Model, layer: usize) -> Result<()> {
     let mut add = |t: &Tensor| -> Result<()> {
         h.update(format!("{:?}", t.dims()));
         for x in t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()? {
@@ -161,20 +171,20 @@ fn cache_key(model: &Model, layer: usize, ids: &[u32], seq_len: usize) -> Result
         Ok(())
     };
     add(&model.embed)?;
-    for b in &model.blocks[..=layer] {
+    for (l, b) in model.blocks[..=layer].iter().enumerate() {
         add(&b.attn_norm)?;
         add(&b.mlp_norm)?;
-        for p in [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up] {
+        // The earlier blocks' down projections feed the residual stream too (a pass that rewrote
+        // one must not be given a stale cache); block `layer`'s own reads its output.
+        let down = (l < layer).then_some(&b.down);
+        for p in [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up].into_iter().chain(down) {
             add(p.w())?;
             if let Some(bias) = &p.b {
                 add(bias)?;
             }
         }
     }
-    for id in ids {
-        h.update(id.to_le_bytes());
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(())
 }
 
 fn read(path: &Path, layer: usize) -> Result<Option<Covariance>> {
