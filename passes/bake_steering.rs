@@ -5,8 +5,8 @@ use candle_core::{DType, Device, Tensor};
 use rand::{seq::SliceRandom, Rng, SeedableRng};
 use serde::Deserialize;
 
+use super::common::{direction, unit, vector};
 use super::{options, BuildCtx, Pass, PassInfo};
-use crate::data::SetSpec;
 use crate::error::{Error, Result};
 use crate::io::control_vector::{self, Direction};
 use crate::model::decoder::Linear;
@@ -264,72 +264,6 @@ struct BakeSteering {
 
 fn invalid(m: impl Into<String>) -> Error {
     Error::invalid(m)
-}
-
-/// The direction from a file spec or an inline array, as f32 [d_model].
-pub fn direction(v: &toml::Value, d: usize, cx: &BuildCtx) -> Result<Tensor> {
-    match v {
-        toml::Value::String(s) => {
-            let mut spec = SetSpec::parse(s);
-            spec.path = cx.path(&spec.path.to_string_lossy());
-            if spec.field.is_none() && !spec.path.exists() {
-                // `SetSpec::parse` only splits FILE:TENSOR when FILE:TENSOR is not itself a file.
-                return Err(invalid(format!("`direction`: no such file {}", spec.path.display())));
-            }
-            crate::verify::steer::load_direction(&spec, d).map_err(|e| invalid(format!("`direction`: {e}")))
-        }
-        toml::Value::Array(a) => {
-            let xs: Vec<f32> = a
-                .iter()
-                .map(|x| match x {
-                    toml::Value::Float(f) => Ok(*f as f32),
-                    toml::Value::Integer(i) => Ok(*i as f32),
-                    other => Err(invalid(format!("`direction`: expected numbers, found {other}"))),
-                })
-                .collect::<Result<_>>()?;
-            if xs.len() != d {
-                return Err(invalid(format!(
-                    "`direction` has {} values; the model needs {d} (d_model)",
-                    xs.len()
-                )));
-            }
-            if xs.iter().any(|x| !x.is_finite()) {
-                return Err(invalid("`direction` has non-finite values"));
-            }
-            if xs.iter().all(|&x| x == 0.0) {
-                return Err(invalid("`direction` is all zeros"));
-            }
-            Ok(Tensor::from_vec(xs, d, &Device::Cpu)?)
-        }
-        other => Err(invalid(format!(
-            "`direction` must be a file path or an array of numbers, found {other}"
-        ))),
-    }
-}
-
-pub fn unit(v: &Tensor) -> Result<Tensor> {
-    let n = v.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
-    if !(n > 0.0 && n.is_finite()) {
-        return Err(invalid("`direction` has no usable length"));
-    }
-    Ok((v / n as f64)?)
-}
-
-/// The vector mode add adds per unit of `coeff`: the direction, unit length if `normalize`
-/// (default true). For searches over `coeff` (the `projection` metric projects on it).
-pub fn steering_vector(options: &toml::Table, cx: &BuildCtx) -> Result<Tensor> {
-    let dir = options.get("direction").ok_or_else(|| invalid("missing field `direction`"))?;
-    let normalize = match options.get("normalize") {
-        None => true,
-        Some(toml::Value::Boolean(b)) => *b,
-        Some(other) => return Err(invalid(format!("`normalize` must be true or false, found {other}"))),
-    };
-    vector(dir, normalize, cx)
-}
-
-fn vector(dir: &toml::Value, normalize: bool, cx: &BuildCtx) -> Result<Tensor> {
-    let v = direction(dir, cx.source.cfg.hidden_size, cx)?;
-    if normalize { unit(&v) } else { Ok(v) }
 }
 
 fn build(t: &toml::Table, cx: &BuildCtx) -> Result<Box<dyn Pass>> {

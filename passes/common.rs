@@ -1,4 +1,5 @@
-//! Not a pass: what `prune-neurons` and `prune-heads` share besides the model surgery (which is
+//! Not a pass: the `direction` option that `bake-steering` and `conditional-steer` share
+//! (at the end), and what `prune-neurons` and `prune-heads` share besides the model surgery (which is
 //! in `model::surgery`): the `compensate = "mean"` options and their calibration tokens, the
 //! mean activations measured on them, the lowest-score ranking, the `layers` option, and the
 //! runtime twin of removing units (zero them, or replace them by their means).
@@ -11,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::{options, BuildCtx};
+use crate::data::SetSpec;
 use crate::error::{Error, Result};
 use crate::model::decoder::Fwd;
 use crate::model::{Arch, Model};
@@ -251,4 +253,73 @@ pub fn summary(removed: &str, layers: usize, uniform: Option<String>, what: &str
 pub fn example_ids(m: &Model, r: &mut impl Rng) -> toml::Value {
     let n = r.gen_range(1..=12);
     toml::Value::Array((0..n).map(|_| toml::Value::Integer(r.gen_range(0..m.cfg.vocab_size) as i64)).collect())
+}
+
+// The steering direction option (`direction` = file, inline array, or a resolved `{ by }`) of
+// `bake-steering` and `conditional-steer`.
+
+/// The direction from a file spec or an inline array, as f32 [d_model].
+pub fn direction(v: &toml::Value, d: usize, cx: &BuildCtx) -> Result<Tensor> {
+    match v {
+        toml::Value::String(s) => {
+            let mut spec = SetSpec::parse(s);
+            spec.path = cx.path(&spec.path.to_string_lossy());
+            if spec.field.is_none() && !spec.path.exists() {
+                // `SetSpec::parse` only splits FILE:TENSOR when FILE:TENSOR is not itself a file.
+                return Err(Error::invalid(format!("`direction`: no such file {}", spec.path.display())));
+            }
+            crate::verify::steer::load_direction(&spec, d).map_err(|e| Error::invalid(format!("`direction`: {e}")))
+        }
+        toml::Value::Array(a) => {
+            let xs: Vec<f32> = a
+                .iter()
+                .map(|x| match x {
+                    toml::Value::Float(f) => Ok(*f as f32),
+                    toml::Value::Integer(i) => Ok(*i as f32),
+                    other => Err(Error::invalid(format!("`direction`: expected numbers, found {other}"))),
+                })
+                .collect::<Result<_>>()?;
+            if xs.len() != d {
+                return Err(Error::invalid(format!(
+                    "`direction` has {} values; the model needs {d} (d_model)",
+                    xs.len()
+                )));
+            }
+            if xs.iter().any(|x| !x.is_finite()) {
+                return Err(Error::invalid("`direction` has non-finite values"));
+            }
+            if xs.iter().all(|&x| x == 0.0) {
+                return Err(Error::invalid("`direction` is all zeros"));
+            }
+            Ok(Tensor::from_vec(xs, d, &Device::Cpu)?)
+        }
+        other => Err(Error::invalid(format!(
+            "`direction` must be a file path or an array of numbers, found {other}"
+        ))),
+    }
+}
+
+pub fn unit(v: &Tensor) -> Result<Tensor> {
+    let n = v.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+    if !(n > 0.0 && n.is_finite()) {
+        return Err(Error::invalid("`direction` has no usable length"));
+    }
+    Ok((v / n as f64)?)
+}
+
+/// The vector `bake-steering` mode add (and `conditional-steer`) adds per unit of `coeff`: the direction, unit length if `normalize`
+/// (default true). For searches over `coeff` (the `projection` metric projects on it).
+pub fn steering_vector(options: &toml::Table, cx: &BuildCtx) -> Result<Tensor> {
+    let dir = options.get("direction").ok_or_else(|| Error::invalid("missing field `direction`"))?;
+    let normalize = match options.get("normalize") {
+        None => true,
+        Some(toml::Value::Boolean(b)) => *b,
+        Some(other) => return Err(Error::invalid(format!("`normalize` must be true or false, found {other}"))),
+    };
+    vector(dir, normalize, cx)
+}
+
+pub fn vector(dir: &toml::Value, normalize: bool, cx: &BuildCtx) -> Result<Tensor> {
+    let v = direction(dir, cx.source.cfg.hidden_size, cx)?;
+    if normalize { unit(&v) } else { Ok(v) }
 }

@@ -316,19 +316,7 @@ impl RankOneEdit {
                 let covs = layers.iter().map(|&l| Ok(Covariance::identity(l, model.blocks[l].down.w().dim(1)?))).collect::<Result<Vec<_>>>()?;
                 (covs, "C = I".to_string())
             }
-            CovSource::Text { path, tokens, seq_len } => {
-                let ids = crate::locate::text_ids(&self.tok, path, *tokens)?;
-                let bar = crate::progress::bar(0, "covariance", self.progress);
-                let t = std::time::Instant::now();
-                let got = Covariance::cached_many(model, &layers, &ids, *seq_len, &covariance::default_cache_dir(), |i, n| {
-                    bar.set_length(n as u64);
-                    bar.set_position(i as u64);
-                })?;
-                bar.finish_and_clear();
-                let how = if got.iter().all(|c| c.1) { "cached".to_string() } else { format!("collected in {:.1} s", t.elapsed().as_secs_f64()) };
-                let note = format!("C over {} tokens ({how})", got[0].0.count);
-                (got.into_iter().map(|c| c.0).collect(), note)
-            }
+            CovSource::Text { path, tokens, seq_len } => covariance::from_text(model, &self.tok, &layers, path, *tokens, *seq_len, self.progress)?,
         };
         let prefixes = rome::context_prefixes(model, &self.tok, self.prefixes, self.prefix_tokens, self.seed)?;
         let reqs = self.facts.iter().map(|f| rome::request(&self.tok, f, &prefixes)).collect::<Result<Vec<_>>>()?;

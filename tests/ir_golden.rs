@@ -11,13 +11,14 @@
 //! Every model gets a word-level tokenizer whose token i is the word `w{i}`, for the passes
 //! whose options are text.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use mechc::ir::Ir;
 use mechc::ir::random::random_model_for_ir;
 use mechc::model::random::{random_model, RandomSpec};
 use mechc::passes::{self, BuildCtx};
-use mechc::tokenizer::Tok;
 
 const MARK_IN: &str = ";; in";
 const MARK_PASS: &str = ";; pass";
@@ -112,18 +113,6 @@ fn diff(want: &str, got: &str) -> String {
     out
 }
 
-/// A word-level tokenizer with one word `w{i}` per token id (`w0` doubles as unknown).
-fn word_tokenizer(vocab: usize) -> Tok {
-    let words: serde_json::Map<String, serde_json::Value> = (0..vocab).map(|i| (format!("w{i}"), i.into())).collect();
-    let json = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": words, "unk_token": "w0"}
-    });
-    let inner = json.to_string().parse::<tokenizers::Tokenizer>().expect("word-level tokenizer");
-    Tok { inner, chat_template: None, bos_token: None, eos_token: None, unk_token: None, pad_token: None }
-}
-
 /// Run one fixture; Err is the failure report.
 fn check(path: &Path, bless: bool) -> Result<(), String> {
     let fx = Fixture::parse(path)?;
@@ -138,7 +127,7 @@ fn check(path: &Path, bless: bool) -> Result<(), String> {
     }
     let (name, opts) = fx.pass_table()?;
     let info = passes::find(&name).ok_or_else(|| format!("unknown pass `{name}` (one of {})", passes::names()))?;
-    let tok = word_tokenizer(ir.vocab);
+    let tok = common::word_tokenizer(ir.vocab);
     let cx = BuildCtx { source: &model, base_dir: &fixture_dir(), tok: Some(&tok), progress: false };
     let pass = (info.build)(&opts, &cx).map_err(|e| format!("building {name}: {e}"))?;
     let mut out = model.clone();

@@ -143,6 +143,23 @@ pub(crate) fn truncated_hooks(model: &Model, layer: usize) -> Hooks {
     hooks
 }
 
+/// The covariances of `layers` over the first `tokens` tokens of the text file `path` (windows of
+/// `seq_len`), from [`default_cache_dir`] or collected (with a progress bar) and cached there,
+/// and a note saying which ("C over N tokens (cached)").
+pub fn from_text(model: &Model, tok: &crate::tokenizer::Tok, layers: &[usize], path: &Path, tokens: usize, seq_len: usize, progress: bool) -> Result<(Vec<Covariance>, String)> {
+    let ids = crate::locate::text_ids(tok, path, tokens)?;
+    let bar = crate::progress::bar(0, "covariance", progress);
+    let t = std::time::Instant::now();
+    let got = Covariance::cached_many(model, layers, &ids, seq_len, &default_cache_dir(), |i, n| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64);
+    })?;
+    bar.finish_and_clear();
+    let how = if got.iter().all(|c| c.1) { "cached".to_string() } else { format!("collected in {:.1} s", t.elapsed().as_secs_f64()) };
+    let note = format!("C over {} tokens ({how})", got.first().map_or(0, |c| c.0.count));
+    Ok((got.into_iter().map(|c| c.0).collect(), note))
+}
+
 /// `$MECHC_CACHE/rome-cov`.
 pub fn default_cache_dir() -> PathBuf {
     crate::io::cache_dir().join("rome-cov")

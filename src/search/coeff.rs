@@ -303,7 +303,7 @@ impl CoeffSearch {
             max_tokens: a.max_tokens,
             batch: a.batch,
         };
-        let direction = || crate::passes::bake_steering::steering_vector(options, cx);
+        let direction = || crate::passes::common::steering_vector(options, cx);
         let has_direction = options.contains_key("direction");
         let objective = Objective::load(&o, has_direction.then_some(&direction as &dyn Fn() -> Result<candle_core::Tensor>), cx)?;
         Ok(CoeffSearch { spec, objective, plot: a.plot.as_deref().map(|p| cx.path(p)), progress: cx.progress })

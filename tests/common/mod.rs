@@ -67,3 +67,15 @@ pub fn fails(cmd: &mut assert_cmd::Command, needles: &[&str]) -> String {
     }
     err
 }
+
+/// A word-level tokenizer with one word `w{i}` per token id (`w0` doubles as unknown).
+pub fn word_tokenizer(vocab: usize) -> mechc::tokenizer::Tok {
+    let words: serde_json::Map<String, serde_json::Value> = (0..vocab).map(|i| (format!("w{i}"), i.into())).collect();
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": words, "unk_token": "w0"}
+    });
+    let inner = json.to_string().parse::<tokenizers::Tokenizer>().expect("word-level tokenizer");
+    mechc::tokenizer::Tok { inner, chat_template: None, bos_token: None, eos_token: None, unk_token: None, pad_token: None }
+}
