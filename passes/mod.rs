@@ -8,6 +8,7 @@
 
 pub mod bake_steering;
 pub mod common;
+pub mod conditional_steer;
 pub mod prune_heads;
 pub mod prune_neurons;
 pub mod rank_one_edit;
@@ -49,6 +50,7 @@ pub const REGISTRY: &[PassInfo] = &[
     prune_neurons::INFO,
     prune_heads::INFO,
     bake_steering::INFO,
+    conditional_steer::INFO,
     rank_one_edit::INFO,
 ];
 

@@ -150,7 +150,7 @@ fn ids_used(t: &toml::Table) -> Vec<String> {
 fn every_pass_doc_has_examples_that_build() {
     let shared = common::shared_data();
     let configs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs");
-    // rank-one-edit needs a tokenizer: stories260K's (its vocabulary sizes the random model).
+    // rank-one-edit and conditional-steer need a tokenizer: stories260K's (its vocabulary sizes the random model).
     let stories = common::stories_gguf();
     let tok = stories.exists().then(|| mechc::tokenizer::Tok::from_dir(&mechc::io::resolve(&stories, false).unwrap()).unwrap());
     let m = model(tok.as_ref().map_or(64, |t| t.vocab_size()));
@@ -202,20 +202,23 @@ fn every_pass_doc_has_examples_that_build() {
                     eprintln!("SKIPPED ({}): {} is missing\n{what}", p.name, shared.display());
                     continue;
                 }
-                if p.name == "rank-one-edit" && tok.is_none() {
+                if matches!(p.name, "rank-one-edit" | "conditional-steer") && tok.is_none() {
                     eprintln!("SKIPPED: {} is missing (its tokenizer builds rank-one-edit)", stories.display());
                     continue;
                 }
                 let mut opts = opts;
                 // bake-steering's examples name files of their own (made here) and an inline vector
                 // of d_model numbers (a few shown; cycled here to the model's width).
-                let base = if p.name == "bake-steering" { &steering_files } else { &configs };
+                let base = if matches!(p.name, "bake-steering" | "conditional-steer") { &steering_files } else { &configs };
                 if let Some(toml::Value::Array(v)) = opts.get_mut("direction") {
                     *v = v.iter().cycle().take(m.cfg.hidden_size).cloned().collect();
                 }
                 // stories260K's tokenizer has no chat template: the search reads its prompts plain.
                 if let Some(toml::Value::Table(auto)) = opts.get_mut("auto") {
                     auto.insert("chat".into(), toml::Value::Boolean(false));
+                }
+                if p.name == "conditional-steer" {
+                    opts.insert("chat".into(), toml::Value::Boolean(false));
                 }
                 let cx = BuildCtx { source: &m, base_dir: base, tok: tok.as_ref(), progress: false };
                 // A searched option (coeff = "auto") is resolved by the compile driver's search:

@@ -18,6 +18,7 @@
 //!
 //! Sequential edits are computed one after another on the model with the earlier edits applied.
 
+pub mod concept;
 pub mod covariance;
 pub mod memit;
 

@@ -44,7 +44,7 @@ use crate::tokenizer::Tok;
 
 /// The options a search may choose: (pass, option). An option is searched when it is written
 /// `"auto"` with an `auto` table beside it.
-pub const SEARCHABLE: &[(&str, &str)] = &[("bake-steering", "coeff"), ("bake-steering", "params")];
+pub const SEARCHABLE: &[(&str, &str)] = &[("bake-steering", "coeff"), ("bake-steering", "params"), ("conditional-steer", "coeff")];
 
 /// Options as the driver resolves them (`select`, `direction = { by }` → explicit forms).
 pub type Resolve<'a> = dyn Fn(&toml::Table) -> Result<toml::Table> + 'a;
