@@ -162,6 +162,31 @@ fn key_separates_a_concept_it_was_fitted_on() {
     assert!(fresh_pos > 0.7 && fresh_neg.abs() < 0.15, "held out: {fresh_pos} vs {fresh_neg}");
 }
 
+/// The held-out report is the key fitted on prompts 0, 1, 2, 4, 5, 6, … firing on prompts 3, 7,
+/// …, all of a prompt's keys together; fewer than 4 prompts in a set is an error.
+#[test]
+fn held_out_firing_is_measured_on_prompts_the_fit_never_saw() {
+    let mut r = StdRng::seed_from_u64(11);
+    let (d, per) = (12, 3);
+    let pos: Vec<Vec<f32>> = (0..8 * per).map(|_| randn(&mut r, d).iter().map(|x| x + 1.0).collect()).collect();
+    let neg: Vec<Vec<f32>> = (0..9 * per).map(|_| randn(&mut r, d)).collect();
+    let c = random_cov(&mut r, d);
+    let got = concept::held_out(&pos, &neg, per, &c, 0.5).unwrap();
+    let split = |keys: &[Vec<f32>]| {
+        let held: Vec<Vec<f32>> = keys.chunks(per).skip(3).step_by(4).flatten().cloned().collect();
+        let fit: Vec<Vec<f32>> = keys.chunks(per).enumerate().filter(|(i, _)| i % 4 != 3).flat_map(|(_, k)| k.to_vec()).collect();
+        (fit, held)
+    };
+    let ((pf, ph), (nf, nh)) = (split(&pos), split(&neg));
+    assert_eq!((ph.len(), nh.len()), (2 * per, 2 * per));
+    let key = concept::fit(&pf, &nf, &c, 0.5).unwrap();
+    let mean = |xs: Vec<f64>| xs.iter().sum::<f64>() / xs.len() as f64;
+    assert!((mean(concept::firing(&key.u, &ph)) - got.positive.0).abs() < 1e-9, "{got:?}");
+    assert!((mean(concept::firing(&key.u, &nh)) - got.negative.0).abs() < 1e-9, "{got:?}");
+    let err = concept::held_out(&pos[..3 * per], &neg, per, &c, 0.5).unwrap_err().to_string();
+    assert!(err.contains("at least 4 prompts"), "{err}");
+}
+
 #[test]
 fn bad_options_fail_in_one_line() {
     let m = random_model(RandomSpec::from_seed(3).config(), 3).unwrap();

@@ -103,17 +103,47 @@ pub fn fit(positive: &[Vec<f32>], negative: &[Vec<f32>], cov: &Covariance, quiet
     let chol = m.cholesky().ok_or_else(|| Error::invalid("concept key: KKᵀ + quiet·n·C is not positive definite (raise quiet or cov_tokens)"))?;
     let u = chol.solve(&(&k * y));
     let fire = k.transpose() * &u;
-    let stats = |xs: &[f64]| {
-        let m = xs.iter().sum::<f64>() / xs.len() as f64;
-        (m, (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / xs.len() as f64).sqrt())
-    };
     let text_rms = (&u.transpose() * &c * &u)[(0, 0)].max(0.0).sqrt();
     Ok(ConceptKey {
         u: u.iter().map(|&x| x as f32).collect(),
-        positive: stats(&fire.as_slice()[..positive.len()]),
-        negative: stats(&fire.as_slice()[positive.len()..]),
+        positive: mean_sd(&fire.as_slice()[..positive.len()]),
+        negative: mean_sd(&fire.as_slice()[positive.len()..]),
         text_rms,
     })
+}
+
+fn mean_sd(xs: &[f64]) -> (f64, f64) {
+    let m = xs.iter().sum::<f64>() / xs.len() as f64;
+    (m, (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / xs.len() as f64).sqrt())
+}
+
+/// How a key generalises: fitted without every fourth prompt (prompts 3, 7, 11, …; all of a
+/// prompt's keys go together), its firing on those prompts' keys.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HeldOut {
+    /// Mean and standard deviation of uᵀk over the held-out positive keys, then negative keys.
+    pub positive: (f64, f64),
+    pub negative: (f64, f64),
+}
+
+/// [`HeldOut`] for a key fitted with `quiet`; `per_prompt` keys per prompt, in prompt order (as
+/// [`keys`] returns them). Needs at least 4 prompts in each set.
+pub fn held_out(positive: &[Vec<f32>], negative: &[Vec<f32>], per_prompt: usize, cov: &Covariance, quiet: f64) -> Result<HeldOut> {
+    let split = |keys: &[Vec<f32>]| -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+        let n = keys.len() / per_prompt.max(1);
+        if n < 4 || keys.len() != n * per_prompt {
+            return Err(Error::invalid(format!("holding out every fourth prompt needs at least 4 prompts per set (got {n})")));
+        }
+        let (mut fit, mut held) = (vec![], vec![]);
+        for (i, k) in keys.chunks(per_prompt).enumerate() {
+            if i % 4 == 3 { held.extend_from_slice(k) } else { fit.extend_from_slice(k) }
+        }
+        Ok((fit, held))
+    };
+    let (pos_fit, pos_held) = split(positive)?;
+    let (neg_fit, neg_held) = split(negative)?;
+    let key = fit(&pos_fit, &neg_fit, cov, quiet)?;
+    Ok(HeldOut { positive: mean_sd(&firing(&key.u, &pos_held)), negative: mean_sd(&firing(&key.u, &neg_held)) })
 }
 
 /// uᵀk for each key (how strongly the write fires there).
