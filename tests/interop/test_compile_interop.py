@@ -1,5 +1,5 @@
 """`mechc compile` output vs HF transformers (5.24): skip-layers, prune-neurons, prune-heads and
-rank-one-edit (ROME, MEMIT) on SmolLM2-135M (30 layers, 9 query / 3 kv heads of 64, d_ff 1536);
+rank-one-edit (ROME, MEMIT), conditional-steer on SmolLM2-135M (30 layers, 9 query / 3 kv heads of 64, d_ff 1536);
 bake-steering is in test_steer_interop.py.
 
 For each uniform variant the emitted directory loads with stock `AutoModelForCausalLM` (f32, eager)
@@ -24,6 +24,9 @@ from test_hf_interop import CODE, SHORT, compare_logits, wiki_paragraph
 
 PROMPTS = {"short": SHORT, "code": CODE}
 FACTS = SHARED_DATA / "prompts" / "counterfact" / "counterfact-edit.json"
+REFUSAL = SHARED_DATA / "prompts" / "refusal"
+# A fixed, arbitrary direction of SmolLM2's width for conditional-steer (normalised by the pass).
+DIRECTION = "[" + ", ".join(f"{((i * 37) % 17 - 8) / 8:.3f}" for i in range(576)) + "]"
 
 # (id, [[pass]] body, expected config fields)
 VARIANTS = [
@@ -43,6 +46,11 @@ VARIANTS = [
                  {"intermediate_size": 1536, "mlp_bias": False}, id="rome-1"),
     pytest.param("memit-1", 'name = "rank-one-edit"\nmethod = "memit"\nfacts = "FACTS"\nids = [0]\nlayers = [3, 4]\n'
                  'covariance = "identity"\nsteps = 5', {"intermediate_size": 1536, "mlp_bias": False}, id="memit-1"),
+    # A steering vector behind a concept key (8 harmful vs 8 harmless prompts): a rank-one
+    # down_proj change, no bias.
+    pytest.param("conditional-1", f'name = "conditional-steer"\nlayer = 11\ndirection = {DIRECTION}\ncoeff = 8.0\n'
+                 f'positive = "{REFUSAL}/harmful_val.json:instruction"\nnegative = "{REFUSAL}/harmless_val.json:instruction"\n'
+                 'limit = 8\ncovariance = "identity"', {"intermediate_size": 1536, "mlp_bias": False}, id="conditional-1"),
 ]
 
 
