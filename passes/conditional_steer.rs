@@ -20,8 +20,9 @@ use crate::tokenizer::Tok;
 
 pub const INFO: PassInfo = PassInfo { name: "conditional-steer", doc: DOC, build, example };
 
-const DOC: &str = r#"Add a steering direction only where a concept is present: a rank-one write into one
-layer's down_proj, ΔW = c·v uᵀ, whose key u fires (uᵀk ≈ 1) on the positive prompts' MLP inputs
+const DOC: &str = r#"Add a steering direction only where a concept is present (a rank-one down_proj write).
+
+A rank-one write into one layer's down_proj, ΔW = c·v uᵀ, whose key u fires (uᵀk ≈ 1) on the positive prompts' MLP inputs
 and stays silent (≈ 0) on the negative prompts' and on running text. E.g. refuse harmful
 requests only: v = a refusal direction, positive = harmful prompts, negative = harmless ones.
 (`bake-steering` mode add adds c·v at every position of every prompt instead.)

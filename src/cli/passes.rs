@@ -22,8 +22,9 @@ pub fn run(a: PassesArgs, _g: &Global) -> anyhow::Result<()> {
             if crate::passes::REGISTRY.is_empty() {
                 println!("no passes registered yet");
             }
+            let width = crate::passes::REGISTRY.iter().map(|p| p.name.len()).max().unwrap_or(0);
             for p in crate::passes::REGISTRY {
-                println!("{:<16} {}", p.name, p.doc.trim().lines().next().unwrap_or(""));
+                println!("{:<width$}  {}", p.name, p.doc.trim().lines().next().unwrap_or(""));
             }
         }
     }
