@@ -18,8 +18,10 @@ use crate::runtime::{HookPoint, Hooks};
 pub const INFO: PassInfo = PassInfo { name: "prune-heads", doc: DOC, build, example };
 
 const DOC: &str = concat!(
-    "Remove attention heads: query heads (q_proj rows, o_proj columns), and a whole
-kv group (its k_proj/v_proj rows too) when all of its query heads go.
+    "Remove attention heads (query heads, and whole kv groups when all their heads go).
+
+Query heads go as q_proj rows and o_proj columns; a whole kv group (its k_proj/v_proj rows too)
+goes when all of its query heads go.
 
 Options (explicit targets, or a built-in ranking):
   heads = [\"L3.H2\", \"L3.H5\"]  query heads to remove (layer and head index of the source model)

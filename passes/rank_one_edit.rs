@@ -18,8 +18,9 @@ use crate::tokenizer::Tok;
 
 pub const INFO: PassInfo = PassInfo { name: "rank-one-edit", doc: DOC, build, example };
 
-const DOC: &str = "ROME / MEMIT knowledge edits: make the model complete `prompt` (which names `subject`)
-with `target_new`. ROME (default): a rank-one change of one layer's down_proj per fact
+const DOC: &str = "ROME / MEMIT knowledge edits: rewrite facts in the MLP weights.
+
+Make the model complete `prompt` (which names `subject`) with `target_new`. ROME (default): a rank-one change of one layer's down_proj per fact
 (r-ROME-consistent keys; several facts are applied one after another, each computed on the model
 with the earlier ones). MEMIT: all facts at once, spread over the down_projs of a layer range
 (per layer ΔW = R Kᵀ(λC + KKᵀ)⁻¹, one rank-one term per fact and layer).
